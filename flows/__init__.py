@@ -1,0 +1,1 @@
+"""Prefect only: tasks and flows that call pipeline/."""

@@ -1,0 +1,1 @@
+"""The domain: config models, the stage graph, cache keys and lineage, the CLI."""

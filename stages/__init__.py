@@ -1,0 +1,1 @@
+"""The science: pure compute on arrays and tensors. Imports neither storage nor Prefect."""

@@ -1,0 +1,7 @@
+"""Registration side effects: each module below registers its methods with ``@register``.
+
+Adding a method is one module plus one line here.
+"""
+
+from stages import heads  # noqa: F401
+from stages import calibrate  # noqa: F401

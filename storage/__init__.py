@@ -1,0 +1,1 @@
+"""I/O only: the Zarr feature store and the artifact store, over fsspec URLs."""

@@ -1,0 +1,12 @@
+"""Test session set-up: keep Prefect, matplotlib and temp files out of the home directory."""
+
+import os
+import tempfile
+
+_ROOT = tempfile.mkdtemp(prefix="longtail-tests-")
+for _var, _sub in (("PREFECT_HOME", "prefect"), ("MPLCONFIGDIR", "mpl"), ("TMPDIR", "tmp")):
+    os.environ.setdefault(_var, os.path.join(_ROOT, _sub))
+    os.makedirs(os.environ[_var], exist_ok=True)
+tempfile.tempdir = os.environ["TMPDIR"]
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
