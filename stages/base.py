@@ -126,8 +126,11 @@ class Method:
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def is_fitted(self) -> bool:
+        return hasattr(self, "num_classes_")
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "num_classes_"):
+        if not self.is_fitted():
             raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit() first")
 
 
@@ -140,6 +143,20 @@ class Wrapper(Method):
 
     def __init__(self, base: Method):
         self.base = base
+
+    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "Method":
+        """Fit the wrapped method unless it is already fitted (a cached base is reused as is),
+        then the wrapper's own hook ``_fit``."""
+        if not self.base.is_fitted():
+            self.base.fit(train, val)
+        return super().fit(train, val)
+
+    def _logits(self, features: np.ndarray) -> np.ndarray:
+        return self._transform(self.base.logits(features))
+
+    def _transform(self, logits: np.ndarray) -> np.ndarray:
+        """Map the base's logits ``(N, C)`` to the wrapper's logits ``(N, C)``."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()

@@ -1,0 +1,54 @@
+"""The Prefect DAG: extract -> heads (independent tasks) -> calibration wrappers -> evaluate -> report.
+
+Thin by design: every task calls one function of :mod:`pipeline.runner`. Caching is the
+pipeline's own (content keys in the artifact store), so Prefect's result cache is off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipeline import runner
+from pipeline.config import MethodSpec, RunConfig, parse_config
+
+
+@task(name="extract", cache_policy=NO_CACHE)
+def extract_task(cfg: RunConfig) -> runner.StoreInfo:
+    return runner.run_extract(cfg)
+
+
+@task(name="method", cache_policy=NO_CACHE, task_run_name="method:{spec.name}")
+def method_task(cfg: RunConfig, spec: MethodSpec, store: runner.StoreInfo) -> runner.MethodResult:
+    return runner.run_method(cfg, spec, store)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: RunConfig, store: runner.StoreInfo, results: list[runner.MethodResult]) -> dict:
+    return runner.run_evaluate(cfg, store, results)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: RunConfig, metrics: dict) -> tuple[str, str]:
+    return runner.render_report(cfg.output, cfg.evaluation.ece_bins)
+
+
+@flow(name="longtail", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+def longtail_flow(config: dict[str, Any]) -> dict:
+    """The full pipeline for one config mapping (the YAML contents)."""
+    cfg = parse_config(config)
+    runner.validate_methods(cfg)
+    store = extract_task(cfg)
+    heads = [s for s in cfg.methods if not runner.split_wrappers(s.name)[1]]
+    wrapped = [s for s in cfg.methods if runner.split_wrappers(s.name)[1]]
+    head_futures = [method_task.submit(cfg, s, store) for s in heads]
+    # calibration wrappers reuse their base's cached fit, so they wait for the heads
+    wrap_futures = [method_task.submit(cfg, s, store, wait_for=head_futures) for s in wrapped]
+    by_name = {f.result().name: f.result() for f in head_futures + wrap_futures}
+    results = [by_name[s.name] for s in cfg.methods]
+    metrics = evaluate_task(cfg, store, results)
+    report_task(cfg, metrics)
+    return metrics

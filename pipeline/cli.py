@@ -1,0 +1,158 @@
+"""The ``longtail`` command line.
+
+User mistakes (:class:`stages.errors.LongtailError`) become one line on stderr and exit status 2;
+nothing already written is touched when the input is bad, because every check runs before work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+import typer
+
+from stages.errors import LongtailError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Decoupled long-tail learning on cached backbone features: extract once, compare many methods.",
+)
+
+
+class _DropUserErrors(logging.Filter):
+    """Prefect logs a task's exception with its traceback; user errors are reported once, by us."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, LongtailError):
+            return False
+        msg = record.getMessage()
+        return "LongtailError" not in msg
+
+
+def _quiet_user_errors() -> None:
+    flt = _DropUserErrors()
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.task_engine",
+                 "prefect.flow_engine"):
+        logging.getLogger(name).addFilter(flt)
+    for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
+        handler.addFilter(flt)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LongtailError as exc:
+            typer.echo(f"longtail: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _run(cfg, use_prefect: bool) -> dict:
+    from pipeline import runner
+
+    runner.preflight(cfg)
+    if not use_prefect:
+        return runner.run_all(cfg)
+    from flows.pipeline_flow import longtail_flow
+
+    _quiet_user_errors()
+    return longtail_flow(cfg.model_dump(mode="json"))
+
+
+def _summary(metrics: dict, out: str) -> None:
+    rows = metrics["methods"]
+    typer.echo(f"{'method':<22}{'overall':>9}{'balanced':>10}{'many':>8}{'medium':>8}{'few':>8}{'ece':>8}")
+    for name, m in rows.items():
+        def pct(v):
+            return "   n/a" if v is None or v != v else f"{100 * v:6.2f}"
+        typer.echo(f"{name:<22}{pct(m['overall']):>9}{pct(m['balanced_accuracy']):>10}"
+                   f"{pct(m['many']):>8}{pct(m['medium']):>8}{pct(m['few']):>8}{m['ece']:>8.4f}")
+    typer.echo(f"report: {os.path.join(out, 'report.md')} (and report.html); metrics: {os.path.join(out, 'metrics.json')}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="Run directory for the store, cache and report."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or plain Python."),
+) -> None:
+    """Run the full DAG on the built-in digits-lt dataset with every head and ce+pc."""
+    from pipeline.config import demo_config
+
+    cfg = demo_config(out)
+    _summary(_run(cfg, prefect), cfg.output)
+
+
+@app.command()
+@_user_errors
+def run(
+    config: str = typer.Argument(..., help="YAML config file."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or plain Python."),
+) -> None:
+    """Run the full pipeline for CONFIG (extraction is skipped when the store is complete)."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    _summary(_run(cfg, prefect), cfg.output)
+
+
+@app.command()
+@_user_errors
+def stage(
+    name: str = typer.Argument(..., help="extract, a configured method name (or method:NAME), evaluate or report."),
+    config: str = typer.Option(..., "--config", "-c", help="YAML config file."),
+    force: bool = typer.Option(False, "--force", help="Recompute the stage even if its artifact is cached."),
+) -> None:
+    """Rerun one stage on cached features, and what depends on it."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    metrics = runner.run_stage(cfg, name, force=force)
+    if metrics is not None:
+        _summary(metrics, cfg.output)
+
+
+@app.command("import-features")
+@_user_errors
+def import_features(
+    train: str = typer.Option(..., "--train", help="Train features (.npz or .h5 with features, labels[, attributes])."),
+    test: str = typer.Option(..., "--test", help="Test features, same format."),
+    out: str = typer.Option(..., "--out", help="URL or path of the feature store to create."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation features, same format."),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="Comma-separated class names."),
+) -> None:
+    """Build a feature store from existing .npz/.h5 feature files."""
+    from storage.importers import import_features as do_import
+
+    names = [n.strip() for n in class_names.split(",")] if class_names else None
+    store = do_import(train=train, test=test, out=out, val=val, class_names=names)
+    typer.echo(f"feature store written: {out} (fingerprint {store.fingerprint})")
+
+
+@app.command()
+@_user_errors
+def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:
+    """Re-render report.md, report.html and the plots of a finished run."""
+    from pipeline import runner
+
+    md, html = runner.render_report(out_dir)
+    typer.echo(f"report: {md} and {html}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""The stage graph: extract -> methods (heads, then calibration wrappers) -> evaluate -> report.
+
+Every function here runs without Prefect; ``flows/`` only schedules them. Each stage's output is
+keyed by its inputs (see :mod:`pipeline.keys`), so a rerun with unchanged inputs recomputes
+nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import MethodSpec, RunConfig
+from pipeline.keys import extract_code_version, method_code_version, stable_hash
+from stages.base import METHODS, Method, SUFFIX_WRAPPERS, make_method
+from stages.datasets import load_dataset
+from stages.errors import LongtailError
+from stages import extract as ex
+from storage.artifacts import ArtifactStore, load_tensors, save_tensors
+from storage.featurestore import FeatureStoreWriter, open_store, store_status
+
+log = logging.getLogger("longtail")
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------- extraction
+def backbone_spec(cfg: RunConfig) -> dict:
+    """The backbone part of the config that determines the features."""
+    b = cfg.backbone
+    if b.kind == "builtin":
+        return {"kind": "builtin", "name": "small-cnn", "epochs": b.epochs, "lr": b.lr,
+                "batch_size": b.batch_size, "weight_decay": b.weight_decay, "width": b.width,
+                "seed": cfg.seed}
+    if b.kind == "torchscript":
+        return {"kind": "torchscript", "path": b.path, "method": b.method}
+    return {"kind": "python", "target": b.target, "kwargs": b.kwargs, "classifier": b.classifier}
+
+
+def extract_key(cfg: RunConfig, dataset_fingerprint: str, backbone_file_hash: str | None) -> str:
+    return stable_hash("extract", dataset_fingerprint, backbone_spec(cfg), backbone_file_hash,
+                       extract_code_version())
+
+
+@dataclass
+class StoreInfo:
+    url: str
+    fingerprint: str
+    cached: bool
+    extract_key: str | None = None
+
+
+def _dataset(cfg: RunConfig):
+    d = cfg.dataset
+    assert d is not None
+    params = d.model_dump(exclude={"name"})
+    if d.name == "digits-lt":
+        params["seed"] = cfg.seed
+    return load_dataset(d.name, **params)
+
+
+def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex.Backbone:
+    b = cfg.backbone
+    if b.kind == "torchscript":
+        return ex.load_torchscript(b.path, b.method)
+    if b.kind == "python":
+        return ex.load_python(b.target, b.kwargs, b.classifier)
+    if artifacts.exists("backbone", key):  # a resumed extraction reuses the trained CNN
+        data = artifacts.read_file("backbone", key, "backbone.pt")
+        meta = artifacts.read_meta("backbone", key)
+        module = ex.load_scripted_bytes(data)
+        return ex.Backbone(ex.FeaturesOf(module, None, "features"), meta["identity"], meta["weights_hash"])
+    train = ds.splits["train"]
+    bb = ex.train_small_cnn(train.images, train.labels, ds.num_classes, epochs=b.epochs, lr=b.lr,
+                            batch_size=b.batch_size, weight_decay=b.weight_decay, width=b.width,
+                            seed=cfg.seed, device=cfg.device)
+    artifacts.write("backbone", key, {"backbone.pt": ex.serialise_module(bb.module.net)},
+                    {"identity": bb.identity, "weights_hash": bb.weights_hash, "train_log": bb.train_log})
+    return bb
+
+
+def _planned_key(cfg: RunConfig):
+    """The dataset and the extraction key the config asks for (checks the backbone file)."""
+    ds = _dataset(cfg)
+    file_hash = None
+    if cfg.backbone.kind == "torchscript":
+        if not os.path.isfile(cfg.backbone.path):
+            raise LongtailError(f"backbone file {cfg.backbone.path!r} does not exist")
+        file_hash = ex.hash_file(cfg.backbone.path)
+    return ds, extract_key(cfg, ds.fingerprint, file_hash)
+
+
+def _complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
+    """A complete store the config may use: same extraction key, or no dataset in the config."""
+    store = open_store(cfg.store)
+    if key is None:
+        return StoreInfo(cfg.store, store.fingerprint, cached=True)
+    made_by = store.attrs.get("extract_key")
+    if made_by != key:
+        raise LongtailError(
+            f"store {cfg.store!r} is complete and is never overwritten, but it holds features of "
+            f"another dataset, backbone or extraction code (dataset fingerprint "
+            f"{store.dataset_fingerprint}, this config's {ds_fingerprint}): point `store` at a new "
+            "path, or drop `dataset` from the config to use the store as it is"
+        )
+    return StoreInfo(cfg.store, store.fingerprint, cached=True, extract_key=key)
+
+
+def existing_store(cfg: RunConfig) -> StoreInfo:
+    """The config's store, which must already be complete (for single-stage reruns)."""
+    status = store_status(cfg.store)
+    if status != "complete":
+        raise LongtailError(f"store {cfg.store!r} is {status}: run `longtail stage extract` or `longtail run` first")
+    if cfg.dataset is None:
+        return _complete_store(cfg, None, None)
+    ds, key = _planned_key(cfg)
+    return _complete_store(cfg, key, ds.fingerprint)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every check that can fail on user input, before anything is written."""
+    validate_methods(cfg)
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise LongtailError(f"output {cfg.output!r} exists and is not a directory")
+    status = store_status(cfg.store)
+    if cfg.dataset is None:
+        if status != "complete":
+            raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
+        _complete_store(cfg, None, None)
+        return
+    ds, key = _planned_key(cfg)
+    if status == "complete":
+        _complete_store(cfg, key, ds.fingerprint)
+    elif cfg.backbone.kind == "torchscript":
+        ex.load_torchscript(cfg.backbone.path, cfg.backbone.method)
+    elif cfg.backbone.kind == "python":
+        ex.load_python(cfg.backbone.target, cfg.backbone.kwargs, cfg.backbone.classifier)
+
+
+def run_extract(cfg: RunConfig) -> StoreInfo:
+    """Stage 1: make sure ``cfg.store`` holds complete features; extract them if needed.
+
+    A complete store is never overwritten: if it holds other features than the config describes,
+    that is an error naming the store. An interrupted store is resumed (or rebuilt by the writer).
+    """
+    status = store_status(cfg.store)
+    if cfg.dataset is None:
+        if status != "complete":
+            raise LongtailError(
+                f"store {cfg.store!r} is {status} and the config names no dataset to extract it from"
+            )
+        return _complete_store(cfg, None, None)
+    ds, key = _planned_key(cfg)
+    if status == "complete":
+        return _complete_store(cfg, key, ds.fingerprint)
+
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    bb = _load_backbone(cfg, ds, artifacts, key)
+    first = ds.splits["train"]
+    probe = next(ex.extract_chunks(bb, first.images[:2], batch_size=2, device=cfg.device, desc="probe"))
+    writer = FeatureStoreWriter(
+        cfg.store,
+        class_names=list(ds.class_names),
+        class_counts=ds.class_counts.tolist(),
+        backbone=bb.identity | {"extract_key": key},
+        backbone_hash=bb.weights_hash,
+        dataset_fingerprint=ds.fingerprint,
+        feature_dim=int(probe.shape[1]),
+        splits={name: len(split) for name, split in ds.splits.items()},
+        has_attributes={name: split.attributes is not None for name, split in ds.splits.items()},
+        extra_attrs={"extract_key": key, "dataset": ds.name},
+    )
+    bs = cfg.extraction.batch_size
+    for name, split in ds.splits.items():
+        if writer.split_done(name):
+            log.info("extract: split %s already complete, resumed", name)
+            continue
+        writer.begin_split(name)
+        start = 0
+        for chunk in ex.extract_chunks(bb, split.images, batch_size=bs, device=cfg.device,
+                                       desc=f"extract {name}"):
+            stop = start + len(chunk)
+            writer.write_chunk(
+                name, chunk, split.labels[start:stop],
+                attributes=None if split.attributes is None else split.attributes[start:stop],
+                index=split.index[start:stop],
+            )
+            start = stop
+        writer.end_split(name)
+    fingerprint = writer.finish()
+    return StoreInfo(cfg.store, fingerprint, cached=False, extract_key=key)
+
+
+# ---------------------------------------------------------------------------- methods
+def split_wrappers(name: str) -> tuple[str, list[str]]:
+    """``ce+pc`` -> (``ce``, [``pc``]): the fitted part and the post-hoc suffix wrappers."""
+    parts = name.split("+")
+    suffixes: list[str] = []
+    while len(parts) > 1 and parts[-1] in SUFFIX_WRAPPERS and parts[-2] not in ():
+        suffixes.insert(0, parts.pop())
+    return "+".join(parts), suffixes
+
+
+def _resolved_params(cfg: RunConfig, spec: MethodSpec, method: Method) -> dict:
+    """Config params plus the run's seed and device for every method that takes them."""
+    params = dict(spec.params)
+    inner = method
+    while getattr(inner, "base", None) is not None:
+        inner = inner.base
+    names = type(inner)._param_names()
+    if "seed" in names and "seed" not in params:
+        params["seed"] = cfg.seed
+    if "device" in names and "device" not in params:
+        params["device"] = cfg.device
+    return params
+
+
+def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
+    method = make_method(spec.name, spec.params)
+    params = _resolved_params(cfg, spec, method)
+    return make_method(spec.name, params), params
+
+
+def method_key(store_fingerprint: str, spec_name: str, params: dict, method: Method) -> str:
+    key_params = {k: v for k, v in params.items() if k != "device"}
+    return stable_hash("method", store_fingerprint, spec_name, key_params, method_code_version(method))
+
+
+@dataclass
+class MethodResult:
+    name: str
+    key: str
+    cached: bool
+    fit_seconds: float
+    params: dict = field(default_factory=dict)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def validate_methods(cfg: RunConfig) -> None:
+    """Build every configured method once, so an unknown name or parameter fails before any work."""
+    for spec in cfg.methods:
+        build_method(cfg, spec)
+
+
+def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
+    """Fit one method on the cached train features (reusing a cached fit), store its logits.
+
+    A name with suffix wrappers (``ce+pc``) reuses the cached fit of its base (``ce``) and only
+    runs the wrapper on top of it.
+    """
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    method, params = build_method(cfg, spec)
+    key = method_key(store.fingerprint, spec.name, params, method)
+    if artifacts.exists("method", key) and not force:
+        meta = artifacts.read_meta("method", key)
+        return MethodResult(spec.name, key, True, meta["fit_seconds"], params)
+
+    fs = open_store(store.url)
+    train = fs.read("train")
+    val = fs.read("val") if "val" in fs.splits else None
+    test = fs.read("test")
+    base_name, suffixes = split_wrappers(spec.name)
+    t0 = time.perf_counter()
+    if suffixes:
+        base_params = {k: v for k, v in spec.params.items() if k not in suffixes}
+        base_res = run_method(cfg, MethodSpec(name=base_name, params=base_params), store, force=False)
+        _attach_fitted_base(method, load_method(cfg, base_res.key))
+        t0 = time.perf_counter() - base_res.fit_seconds  # the wrapper's cost includes its base's fit
+    method.fit(train, val)
+    fit_seconds = time.perf_counter() - t0
+    files = {"state.safetensors": save_tensors(method.state_dict()),
+             "logits_test.npy": _npy(method.logits(test.features))}
+    if val is not None:
+        files["logits_val.npy"] = _npy(method.logits(val.features))
+    meta = {"name": spec.name, "params": params, "fit_seconds": fit_seconds,
+            "store_fingerprint": store.fingerprint, "code_version": method_code_version(method),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    artifacts.write("method", key, files, meta)
+    return MethodResult(spec.name, key, False, fit_seconds, params)
+
+
+def _attach_fitted_base(method: Method, fitted: Method) -> None:
+    """Replace the innermost ``base`` below the suffix wrappers with an already fitted method."""
+    holder = method
+    while getattr(holder.base, "base", None) is not None and type(holder.base).name in SUFFIX_WRAPPERS:
+        holder = holder.base
+    holder.base = fitted
+
+
+def load_method(cfg: RunConfig, key: str) -> Method:
+    """Rebuild a fitted method from its artifact (safetensors state, never pickle)."""
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    meta = artifacts.read_meta("method", key)
+    method = make_method(meta["name"], meta["params"])
+    method.load_state_dict(load_tensors(artifacts.read_file("method", key, "state.safetensors")))
+    return method
+
+
+def method_logits(cfg: RunConfig, key: str, split: str = "test") -> np.ndarray:
+    return _from_npy(ArtifactStore(cfg.artifacts_url).read_file("method", key, f"logits_{split}.npy"))
+
+
+# ---------------------------------------------------------------------------- evaluate and report
+def _write_atomic(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_clean(obj: Any) -> Any:
+    """NaN (a shot group with no class under the absolute rule) becomes null in JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) -> dict:
+    """Evaluate every configured method on the test split; write ``metrics.json`` and the
+    per-class details the report plots from (``evaluation.npz``)."""
+    from stages import evaluate as ev
+
+    fs = open_store(store.url)
+    test = fs.read("test")
+    labels = test.require_labels()
+    e = cfg.evaluation
+    metrics: dict[str, Any] = {
+        "dataset": fs.attrs.get("dataset") or (cfg.dataset.name if cfg.dataset else "imported"),
+        "class_counts": [int(c) for c in test.class_counts],
+        "methods": {},
+    }
+    many, medium, few, rule = ev.shot_groups(test.class_counts, many_threshold=e.many_threshold,
+                                             few_threshold=e.few_threshold, split_rule=e.split_rule)
+    details: dict[str, np.ndarray] = {"labels": labels}
+    for r in results:
+        logits = method_logits(cfg, r.key, "test")
+        m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
+                        few_threshold=e.few_threshold, split_rule=e.split_rule, ece_bins=e.ece_bins)
+        m["fit_seconds"] = float(r.fit_seconds)
+        metrics["methods"][r.name] = m
+        details[f"logits/{r.name}"] = logits
+    metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
+                              "medium": [int(i) for i in medium], "few": [int(i) for i in few],
+                              "many_threshold": e.many_threshold, "few_threshold": e.few_threshold}
+    metrics["class_names"] = list(test.class_names)
+    metrics["lineage"] = {"store": store.url, "store_fingerprint": store.fingerprint,
+                          "backbone": fs.attrs.get("backbone"), "seed": cfg.seed,
+                          "artifacts": {r.name: r.key for r in results}}
+    os.makedirs(cfg.output, exist_ok=True)
+    _write_atomic(os.path.join(cfg.output, "metrics.json"),
+                  json.dumps(_json_clean(metrics), indent=2).encode())
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **details)
+    _write_atomic(os.path.join(cfg.output, "evaluation.npz"), buf.getvalue())
+    return metrics
+
+
+def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
+    """(Re)render ``report.md``/``report.html`` and the plots from ``OUT/metrics.json`` and
+    ``OUT/evaluation.npz``."""
+    from stages import evaluate as ev
+    from stages import report as rp
+
+    mpath = os.path.join(out_dir, "metrics.json")
+    dpath = os.path.join(out_dir, "evaluation.npz")
+    for p in (mpath, dpath):
+        if not os.path.isfile(p):
+            raise LongtailError(f"{p!r} does not exist: run `longtail run` first")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            metrics = json.load(f)
+        details = np.load(dpath, allow_pickle=False)
+        labels = details["labels"]
+    except (json.JSONDecodeError, OSError, ValueError, KeyError) as exc:
+        raise LongtailError(f"{out_dir!r}: metrics.json or evaluation.npz is corrupt ({exc})") from None
+    counts = np.asarray(metrics["class_counts"])
+    names = metrics.get("class_names") or [str(i) for i in range(len(counts))]
+    C = len(counts)
+    plots_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    per_class = {}
+    plots: dict[str, str] = {}
+    for name in metrics["methods"]:
+        logits = details[f"logits/{name}"]
+        pred = logits.argmax(1)
+        per_class[name] = ev.per_class_accuracy(pred, labels, C)
+        safe = name.replace("+", "_")
+        rp.plot_reliability(ev.softmax(logits), labels, name, os.path.join(plots_dir, f"reliability-{safe}.png"))
+        rp.plot_confusion(ev.confusion(pred, labels, C), names, name, os.path.join(plots_dir, f"confusion-{safe}.png"))
+        plots[f"reliability-{name}"] = f"plots/reliability-{safe}.png"
+        plots[f"confusion-{name}"] = f"plots/confusion-{safe}.png"
+    rp.plot_per_class_accuracy(per_class, counts, names, os.path.join(plots_dir, "per-class-accuracy.png"))
+    plots["per-class-accuracy"] = "plots/per-class-accuracy.png"
+    return rp.render_report(metrics | {"plots": plots}, out_dir)
+
+
+# ---------------------------------------------------------------------------- everything
+def run_all(cfg: RunConfig) -> dict:
+    """The whole DAG, sequentially, without Prefect (the flow in ``flows/`` runs the same stages)."""
+    validate_methods(cfg)
+    store = run_extract(cfg)
+    results = run_methods(cfg, store)
+    metrics = run_evaluate(cfg, store, results)
+    render_report(cfg.output, cfg.evaluation.ece_bins)
+    return metrics
+
+
+def run_methods(cfg: RunConfig, store: StoreInfo) -> list[MethodResult]:
+    return [run_method(cfg, spec, store) for spec in cfg.methods]
+
+
+def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
+    """Rerun one stage on cached features and what depends on it; returns metrics when evaluated.
+
+    ``extract``; a configured method name (or ``method:NAME``); ``evaluate``; ``report``.
+    """
+    if name == "extract":
+        if force and store_status(cfg.store) == "complete":
+            raise LongtailError(
+                f"store {cfg.store!r} is complete and is never overwritten: point `store` at a new path "
+                "to extract again"
+            )
+        preflight(cfg)
+        info = run_extract(cfg)
+        log.warning("extract: %s (%s)", "cached, nothing to do" if info.cached else "written", info.url)
+        return None
+    if name == "report":
+        render_report(cfg.output, cfg.evaluation.ece_bins)
+        return None
+    validate_methods(cfg)
+    store = existing_store(cfg)
+    if name != "evaluate":
+        method_name = name.removeprefix("method:")
+        specs = [s for s in cfg.methods if s.name == method_name]
+        if not specs:
+            raise LongtailError(
+                f"unknown stage {name!r}: use extract, evaluate, report or one of the configured methods "
+                f"({', '.join(s.name for s in cfg.methods)})"
+            )
+        run_method(cfg, specs[0], store, force=force)
+    metrics = run_evaluate(cfg, store, run_methods(cfg, store))
+    render_report(cfg.output, cfg.evaluation.ece_bins)
+    return metrics
