@@ -26,10 +26,10 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        return repr(float(obj))  # exact, and 1 == 1.0 hash alike
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, float, np.integer, np.floating)):
+        return repr(float(obj))  # exact for floats, and 1 and 1.0 hash alike
     return obj
 
 

@@ -74,15 +74,15 @@ def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex
     if b.kind == "python":
         return ex.load_python(b.target, b.kwargs, b.classifier)
     if artifacts.exists("backbone", key):  # a resumed extraction reuses the trained CNN
-        data = artifacts.read_file("backbone", key, "backbone.pt")
+        data = artifacts.read_file("backbone", key, "backbone.safetensors")
         meta = artifacts.read_meta("backbone", key)
-        module = ex.load_scripted_bytes(data)
+        module = ex.load_small_cnn(data)
         return ex.Backbone(ex.FeaturesOf(module, None, "features"), meta["identity"], meta["weights_hash"])
     train = ds.splits["train"]
     bb = ex.train_small_cnn(train.images, train.labels, ds.num_classes, epochs=b.epochs, lr=b.lr,
                             batch_size=b.batch_size, weight_decay=b.weight_decay, width=b.width,
                             seed=cfg.seed, device=cfg.device)
-    artifacts.write("backbone", key, {"backbone.pt": ex.serialise_module(bb.module.net)},
+    artifacts.write("backbone", key, {"backbone.safetensors": ex.save_small_cnn(bb.module.net)},
                     {"identity": bb.identity, "weights_hash": bb.weights_hash, "train_log": bb.train_log})
     return bb
 

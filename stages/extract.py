@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -52,7 +52,6 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(4 * width, num_classes)
         self.feature_dim = 4 * width
 
-    @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
@@ -122,7 +121,9 @@ def load_torchscript(path: str, method: str = "forward") -> Backbone:
     if not os.path.isfile(path):
         raise LongtailError(f"backbone file {path!r} does not exist")
     try:
-        module = torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():  # the user chose TorchScript; its deprecation is not theirs to fix
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(path, map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LongtailError(f"backbone file {path!r} is not a readable TorchScript file ({first})") from exc
@@ -242,13 +243,22 @@ def extract_chunks(
             yield feats.cpu().numpy().astype(np.float32, copy=False)
 
 
-def serialise_module(module: nn.Module) -> bytes:
-    """TorchScript bytes of a trained built-in backbone (so users can reuse it as a file)."""
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(module.cpu().eval()), buf)
-    return buf.getvalue()
+def save_small_cnn(model: SmallCNN) -> bytes:
+    """The trained built-in backbone as safetensors bytes (tensors only, never pickle)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state["_shape"] = torch.tensor([model.classifier.out_features, model.body[0][0].in_channels,
+                                    model.body[0][0].out_channels])
+    return save(state)
 
 
-def load_scripted_bytes(data: bytes) -> nn.Module:
-    """Inverse of :func:`serialise_module`."""
-    return torch.jit.load(io.BytesIO(data), map_location="cpu")
+def load_small_cnn(data: bytes) -> SmallCNN:
+    """Inverse of :func:`save_small_cnn`."""
+    from safetensors.torch import load
+
+    state = load(data)
+    num_classes, in_channels, width = (int(v) for v in state.pop("_shape"))
+    model = SmallCNN(num_classes, in_channels=in_channels, width=width)
+    model.load_state_dict(state)
+    return model.eval()
