@@ -136,8 +136,9 @@ def import_features(
     from storage.importers import import_features as do_import
 
     names = [n.strip() for n in class_names.split(",")] if class_names else None
-    store = do_import(train=train, test=test, out=out, val=val, class_names=names)
-    typer.echo(f"feature store written: {out} (fingerprint {store.fingerprint})")
+    res = do_import(train=train, test=test, out=out, val=val, class_names=names)
+    what = "already complete, built from the same files" if res.reused else "written"
+    typer.echo(f"feature store {what}: {res.url} (fingerprint {res.store.fingerprint})")
 
 
 @app.command()

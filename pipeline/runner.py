@@ -369,6 +369,8 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
         m["fit_seconds"] = float(r.fit_seconds)
         metrics["methods"][r.name] = m
         details[f"logits/{r.name}"] = logits
+    metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
+                            "few_threshold": e.few_threshold}
     metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
                               "medium": [int(i) for i in medium], "few": [int(i) for i in few],
                               "many_threshold": e.many_threshold, "few_threshold": e.few_threshold}
@@ -417,11 +419,15 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
         safe = name.replace("+", "_")
         rp.plot_reliability(ev.softmax(logits), labels, name, os.path.join(plots_dir, f"reliability-{safe}.png"))
         rp.plot_confusion(ev.confusion(pred, labels, C), names, name, os.path.join(plots_dir, f"confusion-{safe}.png"))
-        plots[f"reliability-{name}"] = f"plots/reliability-{safe}.png"
-        plots[f"confusion-{name}"] = f"plots/confusion-{safe}.png"
-    rp.plot_per_class_accuracy(per_class, counts, names, os.path.join(plots_dir, "per-class-accuracy.png"))
-    plots["per-class-accuracy"] = "plots/per-class-accuracy.png"
-    return rp.render_report(metrics | {"plots": plots}, out_dir)
+        plots[f"Reliability diagram: {name}"] = f"plots/reliability-{safe}.png"
+        plots[f"Confusion matrix: {name}"] = f"plots/confusion-{safe}.png"
+    rule = metrics.get("shot_rule", {})
+    rp.plot_per_class_accuracy(per_class, counts, names, os.path.join(plots_dir, "per-class-accuracy.png"),
+                               many_threshold=rule.get("many_threshold", 100),
+                               few_threshold=rule.get("few_threshold", 20),
+                               split_rule=rule.get("split_rule", "auto"))
+    plots = {"Per-class accuracy against train count": "plots/per-class-accuracy.png"} | plots
+    return rp.render_report(metrics | {"plots": plots, "store": metrics.get("lineage", {})}, out_dir)
 
 
 # ---------------------------------------------------------------------------- everything

@@ -1,0 +1,327 @@
+"""Import user feature files into a feature store (``longtail import-features``).
+
+Accepted files, one per split (the DLSA reference code's format):
+
+* ``.npz`` (numpy) or ``.h5`` / ``.hdf5`` (HDF5, datasets at the root) holding
+  ``features`` ``(N, D)`` numbers, ``labels`` ``(N,)`` integers (integer-valued floats are
+  accepted; ``(N, 1)`` is flattened) and optionally ``attributes`` ``(N,)`` integers >= 0.
+
+Every problem with a file raises :class:`~stages.errors.LongtailError` whose one-line message
+names the file. HDF5 features are streamed in row blocks (a file larger than memory imports
+fine); an ``.npz`` member cannot be sliced, so its features are loaded whole.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.errors import LongtailError
+from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
+from storage.fs import file_hash, json_hash
+
+EXTENSIONS = (".npz", ".h5", ".hdf5")
+KEYS = ("features", "labels", "attributes")
+#: uncompressed bytes of features read at a time from an HDF5 file
+_BLOCK_BYTES = 64 << 20
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+class _FeatureFile:
+    """One open feature file: validated metadata, small arrays in memory, features by blocks."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        self._h5 = None
+        self._npz = None
+        if not os.path.exists(self.path):
+            raise LongtailError(f"{self.path}: feature file not found")
+        if os.path.isdir(self.path):
+            raise LongtailError(f"{self.path}: is a directory, not a feature file")
+        ext = os.path.splitext(self.path)[1].lower()
+        if ext not in EXTENSIONS:
+            raise LongtailError(
+                f"{self.path}: unsupported feature file extension {ext or '(none)'!r} (expected .npz, .h5 or .hdf5)"
+            )
+        try:
+            if ext == ".npz":
+                self._npz = np.load(self.path, allow_pickle=False)
+                if not isinstance(self._npz, np.lib.npyio.NpzFile):
+                    raise ValueError("not an .npz archive")
+                found = list(self._npz.files)
+            else:
+                import h5py
+
+                self._h5 = h5py.File(self.path, "r")
+                found = list(self._h5.keys())
+        except LongtailError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, OSError, ValueError ... (corrupt file)
+            self.close()
+            raise LongtailError(f"{self.path}: cannot read feature file ({_one_line(e)})") from e
+        try:
+            self._validate(found)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ raw access
+    def _raw(self, key: str) -> np.ndarray:
+        try:
+            if self._npz is not None:
+                return np.asarray(self._npz[key])
+            return np.asarray(self._h5[key][()])
+        except Exception as e:  # truncated member, object array (pickle refused), bad dataset
+            raise LongtailError(f"{self.path}: cannot read {key!r} ({_one_line(e)})") from e
+
+    def _validate(self, found: list[str]) -> None:
+        for key in ("features", "labels"):
+            if key not in found:
+                raise LongtailError(
+                    f"{self.path}: missing key {key!r} (found: {', '.join(sorted(found)) or 'nothing'})"
+                )
+        if self._h5 is not None:
+            import h5py
+
+            for key in KEYS:
+                if key in found and not isinstance(self._h5[key], h5py.Dataset):
+                    raise LongtailError(f"{self.path}: {key!r} is an HDF5 group, not a dataset")
+            feats = self._h5["features"]
+            shape, dtype = tuple(feats.shape), feats.dtype
+            self._features = None
+        else:
+            self._features = self._raw("features")
+            shape, dtype = self._features.shape, self._features.dtype
+        if len(shape) != 2:
+            raise LongtailError(f"{self.path}: 'features' must be 2-D (N x D), got shape {shape}")
+        if dtype.kind not in "fiu":
+            raise LongtailError(f"{self.path}: 'features' must be numbers, got dtype {dtype}")
+        self.n, self.dim = int(shape[0]), int(shape[1])
+        if self.n == 0 or self.dim == 0:
+            raise LongtailError(f"{self.path}: 'features' is empty, shape {shape}")
+        self.labels = self._int_vector("labels")
+        self.attributes = self._int_vector("attributes") if "attributes" in found else None
+        if self.attributes is not None and self.attributes.min() < 0:
+            raise LongtailError(f"{self.path}: 'attributes' must be >= 0 (found {int(self.attributes.min())})")
+
+    def _int_vector(self, key: str) -> np.ndarray:
+        arr = self._raw(key)
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1:
+            raise LongtailError(f"{self.path}: {key!r} must be 1-D, got shape {arr.shape}")
+        if arr.shape[0] != self.n:
+            raise LongtailError(
+                f"{self.path}: {self.n} feature rows but {arr.shape[0]} {key} (they must have the same length)"
+            )
+        if arr.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+            if bad.size:
+                raise LongtailError(f"{self.path}: {key!r} must be integers (found {arr[bad[0]]!r} at row {int(bad[0])})")
+        elif arr.dtype.kind not in "iu":
+            raise LongtailError(f"{self.path}: {key!r} must be integers, got dtype {arr.dtype}")
+        return arr.astype(np.int64)
+
+    # ------------------------------------------------------------------ features
+    def block_rows(self) -> int:
+        return max(1, _BLOCK_BYTES // (4 * self.dim))
+
+    def iter_features(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(start, (n, D) float32)`` blocks, each checked for NaN/inf."""
+        rows = rows or self.block_rows()
+        for start in range(0, self.n, rows):
+            stop = min(self.n, start + rows)
+            if self._features is not None:
+                block = self._features[start:stop]
+            else:
+                try:
+                    block = self._h5["features"][start:stop]
+                except Exception as e:
+                    raise LongtailError(f"{self.path}: cannot read 'features' rows {start}..{stop - 1} ({_one_line(e)})") from e
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise LongtailError(
+                    f"{self.path}: NaN or infinite features in {bad.size} row(s) of rows {start}..{stop - 1} "
+                    f"(first at row {start + int(bad[0])})"
+                )
+            yield start, block
+
+    def close(self) -> None:
+        for handle in (self._h5, self._npz):
+            if handle is not None:
+                handle.close()
+        self._h5 = self._npz = None
+
+    def __enter__(self) -> "_FeatureFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_feature_file(path: str) -> dict[str, np.ndarray]:
+    """Reads one feature file whole: ``{"features": (N, D) float32, "labels": (N,) int64}``
+    plus ``"attributes": (N,) int64`` when the file has them. LongtailError (naming the file)
+    for a missing, unreadable or corrupt file, an unsupported extension, a missing key,
+    features that are not 2-D or not finite, lengths that differ, or non-integer labels."""
+    with _FeatureFile(path) as f:
+        feats = np.empty((f.n, f.dim), dtype=np.float32)
+        for start, block in f.iter_features():
+            feats[start : start + block.shape[0]] = block
+        out = {"features": feats, "labels": f.labels}
+        if f.attributes is not None:
+            out["attributes"] = f.attributes
+        return out
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What :func:`import_features` did: ``store`` is the complete store at ``url``;
+    ``reused`` is True when it was already there, built from the very same files."""
+
+    store: FeatureStore
+    url: str
+    reused: bool
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc=desc, unit="row", disable=not show, leave=False)
+
+
+def import_features(
+    train: str,
+    test: str,
+    out: str,
+    val: str | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    storage_options: dict | None = None,
+    chunk_rows: int | None = None,
+    progress: bool | None = None,
+) -> ImportResult:
+    """Builds a complete feature store at ``out`` from user feature files (one per split).
+
+    The number of classes ``C`` is ``len(class_names)`` when given, else the largest label over
+    all files + 1 (class names are then ``"0"``, ``"1"``, ...). ``class_counts`` are the train
+    label counts. The backbone identity is ``{"kind": "imported", "files": [basenames]}``; the
+    backbone hash is the blake2b of the files' bytes and the dataset fingerprint hashes those
+    and the class names.
+
+    If ``out`` holds a complete store built from the very same files and class names (same
+    dataset fingerprint), it is returned as is (``reused=True``); any other complete store at
+    ``out`` raises LongtailError and is not touched. An incomplete store from an interrupted
+    import of the same files is resumed. Errors: any bad file (see :func:`load_feature_file`),
+    feature dimensions that differ between files, labels outside ``[0, C)``, a class without a
+    train sample; on such an error the partial store is deleted.
+    """
+    paths = {"train": str(train)}
+    if val is not None:
+        paths["val"] = str(val)
+    paths["test"] = str(test)
+    names_given = None if class_names is None else [str(n) for n in class_names]
+    if names_given is not None and not names_given:
+        raise LongtailError("import-features: class_names is empty")
+
+    def identity() -> tuple[dict, str, str]:
+        hashes = {}
+        for split, p in paths.items():
+            try:
+                hashes[split] = file_hash(p)
+            except OSError as e:
+                raise LongtailError(f"{p}: cannot read feature file ({_one_line(e)})") from e
+        backbone = {"kind": "imported", "files": [os.path.basename(p) for p in paths.values()]}
+        backbone_hash = json_hash({"imported": hashes})
+        dataset_fp = json_hash({"imported": hashes, "class_names": names_given})
+        return backbone, backbone_hash, dataset_fp
+
+    status = store_status(out, storage_options=storage_options)
+    if status == "complete":
+        existing = open_store(out, storage_options=storage_options)
+        for p in paths.values():  # a clean "not found" before hashing
+            if not os.path.isfile(p):
+                raise LongtailError(f"{p}: feature file not found")
+        backbone, backbone_hash, dataset_fp = identity()
+        if existing.dataset_fingerprint == dataset_fp and existing.backbone_hash == backbone_hash:
+            return ImportResult(existing, str(out), reused=True)
+        raise LongtailError(
+            f"{out}: already holds a complete feature store (from other inputs); it is never "
+            "overwritten: choose another output or delete it first"
+        )
+
+    files: dict[str, _FeatureFile] = {}
+    try:
+        for split, p in paths.items():
+            files[split] = _FeatureFile(p)
+        dim = files["train"].dim
+        for split, f in files.items():
+            if f.dim != dim:
+                raise LongtailError(f"{f.path}: features have dimension {f.dim}, but {files['train'].path} has {dim}")
+        if names_given is not None:
+            num_classes = len(names_given)
+        else:
+            num_classes = max(int(f.labels.max()) for f in files.values()) + 1
+        for f in files.values():
+            lo, hi = int(f.labels.min()), int(f.labels.max())
+            if lo < 0 or hi >= num_classes:
+                bad = lo if lo < 0 else hi
+                raise LongtailError(f"{f.path}: label {bad} outside [0, {num_classes}) ({num_classes} classes)")
+        names = names_given or [str(c) for c in range(num_classes)]
+        counts = np.bincount(files["train"].labels, minlength=num_classes)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            listed = ", ".join(repr(names[c]) for c in empty[:5]) + (" ..." if empty.size > 5 else "")
+            raise LongtailError(f"{files['train'].path}: {empty.size} class(es) with no train sample: {listed}")
+
+        backbone, backbone_hash, dataset_fp = identity()
+        writer = FeatureStoreWriter(
+            out,
+            class_names=names,
+            class_counts=counts,
+            backbone=backbone,
+            backbone_hash=backbone_hash,
+            dataset_fingerprint=dataset_fp,
+            feature_dim=dim,
+            splits={s: f.n for s, f in files.items()},
+            has_attributes={s: f.attributes is not None for s, f in files.items()},
+            chunk_rows=chunk_rows,
+            storage_options=storage_options,
+        )
+        try:
+            for split, f in files.items():
+                if writer.split_done(split):
+                    continue
+                writer.begin_split(split)
+                with _progress(f.n, f"import {split}", progress) as bar:
+                    for start, block in f.iter_features():
+                        stop = start + block.shape[0]
+                        writer.write_chunk(
+                            split,
+                            block,
+                            f.labels[start:stop],
+                            attributes=None if f.attributes is None else f.attributes[start:stop],
+                        )
+                        bar.update(block.shape[0])
+                writer.end_split(split)
+            writer.finish()
+        except LongtailError:
+            writer.abort()  # bad data: a partial store from these files is worth nothing
+            raise
+    finally:
+        for f in files.values():
+            f.close()
+    return ImportResult(open_store(out, storage_options=storage_options), str(out), reused=False)
+
+
+__all__ = ["EXTENSIONS", "ImportResult", "import_features", "load_feature_file"]

@@ -1,0 +1,427 @@
+"""The Zarr feature store: round trip, interruption and resume, never overwriting, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+from stages.data import FeatureSet
+from stages.errors import LongtailError
+from storage.featurestore import FeatureStoreWriter, open_store, store_status
+
+D = 6
+NAMES = ["cat", "dog", "emu"]
+
+
+def make_data(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", 37), ("val", 9), ("test", 23)):
+        labels = rng.integers(0, 3, n)
+        labels[:3] = [0, 1, 2]  # every class present
+        out[split] = {
+            "features": rng.normal(size=(n, D)).astype(np.float32),
+            "labels": labels.astype(np.int64),
+            "attributes": rng.integers(0, 4, n).astype(np.int64) if split != "val" else None,
+            "index": (np.arange(n) * 10 + 5).astype(np.int64),
+        }
+    return out
+
+
+def plan(data: dict, **over) -> dict:
+    kw = dict(
+        class_names=NAMES,
+        class_counts=np.bincount(data["train"]["labels"], minlength=3),
+        backbone={"kind": "torchvision", "name": "resnet50"},
+        backbone_hash="b" * 16,
+        dataset_fingerprint="d" * 16,
+        feature_dim=D,
+        splits={s: len(v["labels"]) for s, v in data.items()},
+        has_attributes={s: v["attributes"] is not None for s, v in data.items()},
+        chunk_rows=8,
+    )
+    kw.update(over)
+    return kw
+
+
+def write_split(w: FeatureStoreWriter, data: dict, split: str, block: int = 5, stop: int | None = None) -> None:
+    d = data[split]
+    n = len(d["labels"]) if stop is None else stop
+    w.begin_split(split)
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        w.write_chunk(
+            split,
+            d["features"][i:j],
+            d["labels"][i:j],
+            None if d["attributes"] is None else d["attributes"][i:j],
+            d["index"][i:j],
+        )
+    if stop is None:
+        w.end_split(split)
+
+
+def build(url: str, data: dict, block: int = 5, **over) -> str:
+    w = FeatureStoreWriter(url, **plan(data, **over))
+    for split in data:
+        write_split(w, data, split, block)
+    return w.finish()
+
+
+def snapshot(root) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def data():
+    return make_data()
+
+
+# ---------------------------------------------------------------------------------------- round trip
+def test_round_trip_arrays_attrs_and_featureset(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    fp = build(url, data)
+    assert store_status(url) == "complete"
+    st = open_store(url)
+    assert st.splits == ("train", "val", "test")
+    assert st.fingerprint == fp
+    assert st.class_names == tuple(NAMES)
+    np.testing.assert_array_equal(st.class_counts, np.bincount(data["train"]["labels"], minlength=3))
+    assert st.backbone == {"kind": "torchvision", "name": "resnet50"}
+    assert (st.backbone_hash, st.dataset_fingerprint, st.feature_dim) == ("b" * 16, "d" * 16, D)
+    assert st.attrs["schema_version"] == 1 and st.attrs["complete"] is True
+    for split, d in data.items():
+        fs = st.read(split)
+        assert isinstance(fs, FeatureSet)
+        assert (fs.name, fs.source) == (split, url)
+        assert fs.features.dtype == np.float32
+        np.testing.assert_array_equal(fs.features, d["features"])
+        np.testing.assert_array_equal(fs.labels, d["labels"])
+        np.testing.assert_array_equal(fs.index, d["index"])
+        if d["attributes"] is None:
+            assert fs.attributes is None and not st.has_attributes(split)
+        else:
+            np.testing.assert_array_equal(fs.attributes, d["attributes"])
+        np.testing.assert_array_equal(fs.class_counts, st.class_counts)
+        assert fs.class_names == tuple(NAMES)
+        assert fs.meta["split_fingerprint"] == st.split_fingerprint(split)
+        assert fs.meta["store_fingerprint"] == fp
+        # chunks are stored by rows, as planned
+        assert zarr.open_group(url, mode="r")[split]["features"].chunks == (8, D)
+
+
+def test_iter_chunks_concatenates_to_the_split(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    st = open_store(url)
+    blocks = list(st.iter_chunks("train", 10))
+    assert [b[0].shape[0] for b in blocks] == [10, 10, 10, 7]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), data["train"]["features"])
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), data["train"]["labels"])
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in blocks]), data["train"]["attributes"])
+    assert all(b[2] is None for b in st.iter_chunks("val"))
+    st.verify()
+
+
+def test_fingerprint_does_not_depend_on_write_blocks_or_chunks(tmp_path, data):
+    a = build(str(tmp_path / "a.zarr"), data, block=3)
+    b = build(str(tmp_path / "b.zarr"), data, block=100, chunk_rows=None)
+    assert a == b
+
+
+def test_fingerprint_changes_with_one_feature_value(tmp_path, data):
+    a = build(str(tmp_path / "a.zarr"), data)
+    changed = make_data()
+    changed["test"]["features"][7, 2] += 1e-3
+    b = build(str(tmp_path / "b.zarr"), changed)
+    assert a != b
+    sa, sb = open_store(str(tmp_path / "a.zarr")), open_store(str(tmp_path / "b.zarr"))
+    assert sa.split_fingerprint("test") != sb.split_fingerprint("test")
+    assert sa.split_fingerprint("train") == sb.split_fingerprint("train")
+
+
+def test_memory_url_round_trip(data):
+    url = f"memory://lt-{uuid.uuid4().hex}/f.zarr"
+    try:
+        assert store_status(url) == "missing"
+        fp = build(url, data)
+        st = open_store(url)
+        assert st.fingerprint == fp
+        np.testing.assert_array_equal(st.read("test").features, data["test"]["features"])
+        np.testing.assert_array_equal(st.read("val").labels, data["val"]["labels"])
+        st.verify()
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+def test_file_url_and_local_path_give_the_same_store(tmp_path, data):
+    url = "file://" + str(tmp_path / "f.zarr")
+    fp = build(url, data)
+    assert open_store(str(tmp_path / "f.zarr")).fingerprint == fp
+
+
+# ---------------------------------------------------------------------------------------- interruption
+def test_interrupted_write_is_incomplete_and_refused(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    assert store_status(url) == "incomplete"
+    with pytest.raises(LongtailError, match="interrupted") as e:
+        open_store(url)
+    assert url in str(e.value)
+    w.begin_split("val")
+    assert store_status(url) == "incomplete"  # and still after more splits, until finish()
+    write_split(w, data, "test")
+    assert store_status(url) == "incomplete"
+
+
+def test_resume_keeps_completed_split_and_gives_the_same_fingerprint(tmp_path, data):
+    clean = build(str(tmp_path / "clean.zarr"), data)
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    write_split(w, data, "val", stop=4)  # crash half-way through val
+    del w
+    # back-date the train split's files: a rewrite would give them a new mtime
+    train_dir = tmp_path / "f.zarr" / "train"
+    for p in train_dir.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    before = snapshot(train_dir)
+
+    w = FeatureStoreWriter(url, **plan(data, chunk_rows=5))  # chunking is not part of the plan
+    assert w.resumed
+    assert w.split_done("train") and not w.split_done("val") and not w.split_done("test")
+    with pytest.raises(RuntimeError):
+        w.begin_split("train")
+    for split in ("val", "test"):
+        write_split(w, data, split, block=4)
+    fp = w.finish()
+
+    assert fp == clean
+    assert snapshot(train_dir) == before
+    st = open_store(url)
+    np.testing.assert_array_equal(st.read("val").features, data["val"]["features"])
+    st.verify()
+
+
+def test_half_written_split_restarts_from_row_zero(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    other = make_data(seed=1)
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    # a half-written test split with different rows than the final ones
+    w.begin_split("test")
+    w.write_chunk("test", other["test"]["features"][:10], other["test"]["labels"][:10], other["test"]["attributes"][:10])
+    w = FeatureStoreWriter(url, **plan(data))
+    assert w.resumed and not w.split_done("test")
+    write_split(w, data, "val")
+    write_split(w, data, "test")
+    w.finish()
+    np.testing.assert_array_equal(open_store(url).read("test").features, data["test"]["features"])
+
+
+def test_complete_store_is_never_overwritten(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    before = snapshot(tmp_path / "f.zarr")
+    with pytest.raises(LongtailError, match="complete feature store") as e:
+        FeatureStoreWriter(url, **plan(data))
+    assert url in str(e.value)
+    with pytest.raises(LongtailError):
+        FeatureStoreWriter(url, **plan(data, dataset_fingerprint="other"))
+    assert snapshot(tmp_path / "f.zarr") == before
+
+
+def test_plan_mismatch_on_incomplete_store_rebuilds(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    old = make_data(seed=3)
+    w = FeatureStoreWriter(url, **plan(old, dataset_fingerprint="old"))
+    write_split(w, old, "train")
+    (tmp_path / "f.zarr" / "stale.txt").write_text("left by the old build")
+
+    w = FeatureStoreWriter(url, **plan(data, dataset_fingerprint="new"))
+    assert not w.resumed and not w.split_done("train")
+    assert not (tmp_path / "f.zarr" / "stale.txt").exists()
+    for split in data:
+        write_split(w, data, split)
+    w.finish()
+    st = open_store(url)
+    assert st.dataset_fingerprint == "new"
+    np.testing.assert_array_equal(st.read("train").features, data["train"]["features"])
+
+
+@pytest.mark.parametrize("change", [{"feature_dim": D + 1}, {"backbone_hash": "c" * 16}, {"splits": {"train": 37, "test": 23}}])
+def test_each_plan_field_is_compared(tmp_path, data, change):
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    if "splits" in change:
+        change = dict(change, has_attributes={"train": True, "test": True})
+    assert not FeatureStoreWriter(url, **plan(data, **change)).resumed
+
+
+# ---------------------------------------------------------------------------------------- status and errors
+def test_store_status_of_what_is_not_a_store(tmp_path):
+    assert store_status(str(tmp_path / "nothing")) == "missing"
+    (tmp_path / "empty").mkdir()
+    assert store_status(str(tmp_path / "empty")) == "missing"
+    (tmp_path / "file.zarr").write_text("x")
+    with pytest.raises(LongtailError, match="not a feature store"):
+        store_status(str(tmp_path / "file.zarr"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "photo.jpg").write_text("x")
+    with pytest.raises(LongtailError, match="not a feature store"):
+        store_status(str(tmp_path / "dir"))
+    zarr.create_group(str(tmp_path / "foreign.zarr"), attributes={"hello": 1})
+    with pytest.raises(LongtailError, match="no schema_version"):
+        store_status(str(tmp_path / "foreign.zarr"))
+    with pytest.raises(LongtailError, match="no schema_version"):  # and a writer will not delete it
+        FeatureStoreWriter(str(tmp_path / "foreign.zarr"), **plan(make_data()))
+    assert (tmp_path / "foreign.zarr" / "zarr.json").exists()
+    with pytest.raises(LongtailError, match="no feature store"):
+        open_store(str(tmp_path / "nothing"))
+
+
+def _edit_root(path, **attrs):
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"].update(attrs)
+    meta.write_text(json.dumps(doc))
+
+
+def test_unknown_schema_version_and_corrupt_metadata(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    _edit_root(tmp_path / "f.zarr", schema_version=99)
+    with pytest.raises(LongtailError, match="schema_version 99"):
+        open_store(url)
+    (tmp_path / "f.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(LongtailError, match="corrupt") as e:
+        open_store(url)
+    assert url in str(e.value)
+
+
+def test_lost_chunk_is_reported_not_read_as_zeros(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    (tmp_path / "f.zarr" / "test" / "features" / "c" / "1" / "0").unlink()
+    st = open_store(url)
+    with pytest.raises(LongtailError, match="NaN") as e:
+        st.read("test")
+    msg = str(e.value)
+    assert url in msg and "'test'" in msg and "\n" not in msg
+    st.read("train")  # the other splits still read
+
+
+def test_hand_edited_labels_and_features_are_caught(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    g = zarr.open_group(url, mode="r+")
+    g["val"]["labels"][2] = 7  # only 3 classes
+    with pytest.raises(LongtailError, match=r"labels outside \[0, 3\)") as e:
+        open_store(url).read("val")
+    assert url in str(e.value) and "'val'" in str(e.value)
+    g["train"]["features"][0, 0] = 123.0  # still finite: only the fingerprint can tell
+    st = open_store(url)
+    st.read("train")
+    with pytest.raises(LongtailError, match="'train': content does not match"):
+        st.verify("train")
+    del g["test"]["labels"]
+    with pytest.raises(LongtailError, match="no 'labels' array"):
+        open_store(url).read("test")
+
+
+def test_unknown_split(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    with pytest.raises(LongtailError, match="no split 'extra'.*train, val, test"):
+        open_store(url).read("extra")
+
+
+# ---------------------------------------------------------------------------------------- writer input checks
+def _writer_on_train(tmp_path, data):
+    w = FeatureStoreWriter(str(tmp_path / "f.zarr"), **plan(data))
+    w.begin_split("train")
+    return w
+
+
+@pytest.mark.parametrize(
+    "feats, labels, attrs, match",
+    [
+        (np.full((2, D), np.nan), [0, 1], [0, 0], "NaN or infinite"),
+        (np.zeros((2, D + 1)), [0, 1], [0, 0], rf"shape \(n, {D}\)"),
+        (np.zeros((2, D)), [0, 3], [0, 0], r"labels outside \[0, 3\)"),
+        (np.zeros((2, D)), [0.0, 1.0], [0, 0], "labels must be integers"),
+        (np.zeros((2, D)), [0, 1, 2], [0, 0], "labels has shape"),
+        (np.zeros((2, D)), [0, 1], None, "plan has attributes"),
+        (np.zeros((2, D)), [0, 1], [0, -1], "attributes must be >= 0"),
+        (np.zeros((40, D)), np.zeros(40, int), np.zeros(40, int), "only 37 planned"),
+    ],
+)
+def test_write_chunk_rejects_bad_data(tmp_path, data, feats, labels, attrs, match):
+    w = _writer_on_train(tmp_path, data)
+    with pytest.raises(LongtailError, match=match) as e:
+        w.write_chunk("train", feats, np.asarray(labels), None if attrs is None else np.asarray(attrs))
+    assert "'train'" in str(e.value)
+
+
+def test_end_split_checks_rows_and_train_counts(tmp_path, data):
+    w = _writer_on_train(tmp_path, data)
+    d = data["train"]
+    w.write_chunk("train", d["features"][:30], d["labels"][:30], d["attributes"][:30])
+    with pytest.raises(LongtailError, match="30 rows written, 37 planned"):
+        w.end_split("train")
+    counts = np.bincount(d["labels"], minlength=3)
+    counts[0] += 1
+    counts[1] -= 1
+    w = FeatureStoreWriter(str(tmp_path / "g.zarr"), **plan(data, class_counts=counts))
+    with pytest.raises(LongtailError, match="class_counts do not match.*'cat'"):
+        write_split(w, data, "train")
+
+
+def test_writer_plan_checks_and_call_order(tmp_path, data):
+    with pytest.raises(LongtailError, match="'train' split"):
+        FeatureStoreWriter(str(tmp_path / "a.zarr"), **plan(data, splits={"test": 3}, has_attributes={}))
+    with pytest.raises(LongtailError, match="class_counts"):
+        FeatureStoreWriter(str(tmp_path / "a.zarr"), **plan(data, class_counts=[1, 2]))
+    w = FeatureStoreWriter(str(tmp_path / "b.zarr"), **plan(data))
+    with pytest.raises(RuntimeError):
+        w.write_chunk("train", data["train"]["features"], data["train"]["labels"])
+    write_split(w, data, "train")
+    with pytest.raises(RuntimeError, match="val, test"):
+        w.finish()
+    assert store_status(str(tmp_path / "b.zarr")) == "incomplete"
+    w.abort()
+    assert store_status(str(tmp_path / "b.zarr")) == "missing"
+
+
+def test_writer_does_not_keep_references_to_caller_buffers(tmp_path, data):
+    """Rows shorter than a chunk are buffered: the caller may reuse its array right after."""
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    d = data["train"]
+    buf = np.empty((5, D), dtype=np.float32)
+    w.begin_split("train")
+    for i in range(0, 37, 5):
+        j = min(37, i + 5)
+        buf[: j - i] = d["features"][i:j]
+        w.write_chunk("train", buf[: j - i], d["labels"][i:j], d["attributes"][i:j])
+        buf[:] = -99.0  # scribble over the caller's buffer
+    w.end_split("train")
+    for split in ("val", "test"):
+        write_split(w, data, split)
+    w.finish()
+    np.testing.assert_array_equal(open_store(url).read("train").features, d["features"])
