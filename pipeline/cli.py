@@ -17,6 +17,10 @@ import typer
 
 from stages.errors import LongtailError
 
+# The local Prefect server must not try to phone home (clusters are often offline); a user's own
+# setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

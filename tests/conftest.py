@@ -10,3 +10,4 @@ for _var, _sub in (("PREFECT_HOME", "prefect"), ("MPLCONFIGDIR", "mpl"), ("TMPDI
 tempfile.tempdir = os.environ["TMPDIR"]
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
