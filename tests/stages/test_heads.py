@@ -1,0 +1,260 @@
+"""Stage-2 heads: the shared trainer and samplers, and what each objective should do to a long tail."""
+
+import numpy as np
+import pytest
+import torch
+
+import stages.heads as heads
+from stages.base import make_method
+from stages.data import FeatureSet
+from stages.errors import LongtailError
+from stages.heads import (
+    TAU_GRID,
+    ClassBalancedSampler,
+    deferred_reweighting_epoch,
+    instance_balanced_indices,
+)
+from stages.losses import class_balanced_weights, ldam_loss
+
+COUNTS = [200, 100, 40, 15, 5]
+NAMES = tuple("abcde")
+FAST = {"epochs": 30, "batch_size": 64, "seed": 0}
+
+
+def _mixture(counts, seed, dim=8, distance=2.0):
+    """Unit-variance Gaussians with orthogonal means ``distance * e_c`` (overlapping at distance 2)."""
+    rng = np.random.default_rng(seed)
+    means = np.eye(len(counts), dim) * distance
+    x = np.concatenate([rng.normal(size=(n, dim)) + means[c] for c, n in enumerate(counts)])
+    return x.astype(np.float32), np.repeat(np.arange(len(counts)), counts), means
+
+
+def _balanced_accuracy(pred, labels):
+    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y, means = _mixture(COUNTS, seed=0)
+    xv, yv, _ = _mixture([40] * 5, seed=50)
+    xt, yt, _ = _mixture([400] * 5, seed=100)
+    train = FeatureSet(x, y, np.array(COUNTS), NAMES, name="train")
+    val = FeatureSet(xv, yv, np.array(COUNTS), NAMES, name="val")
+    return train, val, xt, yt, means
+
+
+@pytest.fixture(scope="module")
+def ce_fit(data):
+    return make_method("ce", FAST).fit(data[0])
+
+
+# ---------------------------------------------------------------------- samplers and schedule
+def test_instance_sampler_is_a_seeded_permutation():
+    g = torch.Generator().manual_seed(3)
+    a = instance_balanced_indices(50, g)
+    assert sorted(a.tolist()) == list(range(50))
+    assert torch.equal(a, instance_balanced_indices(50, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, instance_balanced_indices(50, g))  # the next epoch is another order
+
+
+def test_class_balanced_sampler_draws_classes_uniformly_and_samples_within_class_uniformly():
+    labels = torch.tensor(np.repeat(np.arange(5), COUNTS))
+    sampler = ClassBalancedSampler(labels, 5)
+    idx = sampler(50_000, torch.Generator().manual_seed(0))
+    drawn = np.bincount(labels[idx].numpy(), minlength=5)
+    np.testing.assert_allclose(drawn / 50_000, 0.2, atol=0.01)  # instance sampling would give 0.56 .. 0.014
+    tail = idx[labels[idx] == 4].numpy()  # the 5 samples of the rarest class, each ~1/5 of its draws
+    assert set(tail) == set(range(355, 360))
+    np.testing.assert_allclose(np.bincount(tail - 355) / len(tail), 0.2, atol=0.03)
+    assert torch.equal(idx, sampler(50_000, torch.Generator().manual_seed(0)))
+
+
+def test_class_balanced_sampler_rejects_an_empty_class():
+    with pytest.raises(LongtailError, match=r"class\(es\) \[1\]"):
+        ClassBalancedSampler(torch.tensor([0, 0, 2]), 3)
+
+
+def test_deferred_reweighting_epoch():
+    assert deferred_reweighting_epoch(200, 0.8) == 160  # Cao et al., CIFAR: re-weight from epoch 160 of 200
+    assert deferred_reweighting_epoch(30, 0.8) == 24
+    assert deferred_reweighting_epoch(30, 0.0) == 0
+    assert deferred_reweighting_epoch(30, 1.0) == 30  # never
+
+
+def test_ldam_drw_switches_to_class_balanced_weights_in_the_last_fifth():
+    head = make_method("ldam-drw", {"epochs": 10})
+    loss = head._loss_fn(np.array(COUNTS), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(16, 5, generator=g).tanh(), torch.randint(5, (16,), generator=g)
+    plain = ldam_loss(z, y, COUNTS, max_margin=0.5, scale=30.0)
+    weighted = ldam_loss(z, y, COUNTS, max_margin=0.5, scale=30.0, weight=class_balanced_weights(COUNTS, 0.9999))
+    assert [loss(z, y, e).item() for e in range(8)] == pytest.approx([plain.item()] * 8, abs=1e-6)
+    assert [loss(z, y, e).item() for e in (8, 9)] == pytest.approx([weighted.item()] * 2, abs=1e-6)
+    assert weighted.item() != pytest.approx(plain.item(), abs=1e-3)
+
+
+# ---------------------------------------------------------------------- re-balancing works
+@pytest.mark.parametrize("name", ["balanced-softmax", "logit-adjust", "crt", "tau-norm", "lws", "cb-ce", "ldam-drw"])
+def test_rebalancing_heads_beat_ce_on_balanced_accuracy(data, ce_fit, name):
+    train, val, xt, yt, _ = data
+    acc_ce = _balanced_accuracy(ce_fit.predict(xt), yt)
+    acc = _balanced_accuracy(make_method(name, FAST).fit(train, val).predict(xt), yt)
+    # with these seeds ce is at 0.64 and the re-balanced heads at 0.71 .. 0.74
+    assert acc >= acc_ce + 0.05, (name, acc_ce, acc)
+
+
+def test_balanced_softmax_reaches_the_bayes_balanced_accuracy():
+    # 2-D, unit-variance classes with means on a circle of radius 1.5: five samples are enough to
+    # place the rarest class, so a consistent balanced loss gets within reach of the Bayes rule
+    angles = 2 * np.pi * np.arange(5) / 5
+    means = 1.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(n, 2)) + means[c] for c, n in enumerate(COUNTS)]).astype(np.float32)
+    xt = np.concatenate([rng.normal(size=(400, 2)) + m for m in means]).astype(np.float32)
+    yt = np.repeat(np.arange(5), 400)
+    train = FeatureSet(x, np.repeat(np.arange(5), COUNTS), np.array(COUNTS), NAMES, name="train")
+    bayes = (-((xt[:, None, :] - means[None]) ** 2).sum(-1)).argmax(1)  # uniform prior, unit covariance
+    acc_bayes = _balanced_accuracy(bayes, yt)
+    acc_ce = _balanced_accuracy(make_method("ce", {**FAST, "epochs": 60}).fit(train).predict(xt), yt)
+    acc = _balanced_accuracy(make_method("balanced-softmax", {**FAST, "epochs": 60}).fit(train).predict(xt), yt)
+    assert acc == pytest.approx(acc_bayes, abs=0.02), (acc, acc_bayes)
+    assert acc_ce < acc_bayes - 0.1  # while plain cross-entropy is far from it
+
+
+def test_logit_adjust_with_tau_zero_is_ce(data, ce_fit):
+    train, _, xt, _, _ = data
+    la = make_method("logit-adjust", {**FAST, "tau": 0.0}).fit(train)
+    np.testing.assert_allclose(la.logits(xt), ce_fit.logits(xt), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- two-stage heads
+def test_lws_keeps_the_ce_classifier_and_learns_larger_scales_for_the_tail(data, ce_fit):
+    train, _, xt, _, _ = data
+    lws = make_method("lws", FAST).fit(train)
+    # stage 1 is exactly ce with the same seed, and stage 2 does not touch it
+    torch.testing.assert_close(lws.module_.linear.weight, ce_fit.module_.weight, rtol=0, atol=0)
+    torch.testing.assert_close(lws.module_.linear.bias, ce_fit.module_.bias, rtol=0, atol=0)
+    scales = lws.module_.scales.detach().numpy()
+    np.testing.assert_allclose(lws.logits(xt), ce_fit.logits(xt) * scales, rtol=1e-5, atol=1e-5)
+    assert scales[-1] > scales[0]
+
+
+def _standardised(head, x):
+    return (x - head.mean_.numpy()) / head.std_.numpy()
+
+
+def test_tau_norm_logits_by_hand_and_fallback_without_val(data):
+    train, _, xt, _, _ = data
+    head = make_method("tau-norm", FAST).fit(train)  # no val: tau = 1
+    assert head.tau_ == 1.0
+    w = head.module_.weight.detach().numpy().astype(np.float64)
+    expected = _standardised(head, xt.astype(np.float64)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(head.logits(xt), expected, rtol=1e-4, atol=1e-4)
+    fixed = make_method("tau-norm", {**FAST, "tau": 0.0}).fit(train)  # tau = 0: the bias-free CE head itself
+    np.testing.assert_allclose(fixed.logits(xt), _standardised(fixed, xt) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_tau_norm_chooses_tau_by_balanced_accuracy_on_val(data):
+    train, val, _, _, _ = data
+    head = make_method("tau-norm", FAST).fit(train, val)
+    w = head.module_.weight.detach().numpy().astype(np.float64)
+    xv = _standardised(head, val.features.astype(np.float64))
+    scores = [_balanced_accuracy((xv @ (w / np.linalg.norm(w, axis=1, keepdims=True) ** t).T).argmax(1), val.labels)
+              for t in TAU_GRID]
+    assert head.tau_ == TAU_GRID[int(np.argmax(scores))]
+    assert head.tau_ > 0  # on a long tail, some normalisation beats the raw CE weights
+    np.testing.assert_allclose(head.val_scores_, scores, atol=1e-12)
+    explicit = make_method("tau-norm", {**FAST, "tau": 0.7}).fit(train, val)  # an explicit tau ignores val
+    assert explicit.tau_ == 0.7
+
+
+# ---------------------------------------------------------------------- modules
+def test_cosine_logits_are_bounded_by_the_scale(data):
+    train, _, xt, _, _ = data
+    fixed = make_method("cosine", {**FAST, "scale": 5.0, "learn_scale": False}).fit(train)
+    assert float(fixed.module_.scale) == 5.0
+    assert np.abs(fixed.logits(xt)).max() <= 5.0 + 1e-5
+    learned = make_method("cosine", {**FAST, "scale": 5.0}).fit(train)
+    assert float(learned.module_.scale) != pytest.approx(5.0, abs=1e-3)
+    ldam = make_method("ldam-drw", {**FAST, "scale": 30.0}).fit(train)
+    assert np.abs(ldam.logits(xt)).max() <= 30.0 + 1e-4
+
+
+# ---------------------------------------------------------------------- features and batching
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+def test_balanced_moments_by_hand(chunk):
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [10.0, 4.0]], dtype=np.float32)
+    y = np.array([0, 0, 1])
+    mean, std = heads.balanced_moments(x, y, 2, chunk=chunk)
+    # column 0: class means 1 and 10 -> 5.5; variance ((5.5^2 + 3.5^2) / 2 + 4.5^2) / 2 = 20.75
+    # column 1: class means 1 and 4 -> 2.5; variance (1.5^2 + 1.5^2) / 2 = 2.25 (the plain std is 1.41)
+    np.testing.assert_allclose(mean, [5.5, 2.5], atol=1e-12)
+    np.testing.assert_allclose(std, [np.sqrt(20.75), 1.5], atol=1e-12)
+    shuffled = np.array([2, 0, 1])  # the order of the rows does not matter
+    np.testing.assert_allclose(heads.balanced_moments(x[shuffled], y[shuffled], 2, chunk=chunk)[0], mean, atol=1e-12)
+
+
+def test_heads_are_invariant_to_an_affine_rescaling_of_each_feature(data):
+    train, _, xt, _, _ = data
+    a = np.array([1000.0, 0.01, 1, 1, 3, 1, 1, 0.5], dtype=np.float32)
+    b = np.array([-5.0, 0.3, 0, 0, 0, 1, 0, 0], dtype=np.float32)
+    moved = FeatureSet(train.features * a + b, train.labels, train.class_counts, NAMES, name="train")
+    z1 = make_method("ce", {**FAST, "epochs": 5}).fit(train).logits(xt)
+    z2 = make_method("ce", {**FAST, "epochs": 5}).fit(moved).logits(xt * a + b)
+    np.testing.assert_allclose(z1, z2, atol=1e-3)
+
+
+def test_constant_features_do_not_break_standardisation(data):
+    train, _, xt, yt, _ = data
+    x = np.concatenate([train.features, np.full((len(train), 1), 3.0, np.float32)], axis=1)
+    head = make_method("ce", FAST).fit(FeatureSet(x, train.labels, train.class_counts, NAMES))
+    z = head.logits(np.concatenate([xt, np.full((len(xt), 1), 3.0, np.float32)], axis=1))
+    assert np.isfinite(z).all()
+    assert head.std_[-1].item() == 1.0
+
+
+def test_logits_are_computed_in_chunks_with_the_same_result(data, ce_fit, monkeypatch):
+    xt = data[2]
+    whole = ce_fit.logits(xt)
+    monkeypatch.setattr(heads, "LOGITS_CHUNK", 7)
+    np.testing.assert_array_equal(ce_fit.logits(xt), whole)
+
+
+def test_counts_that_disagree_with_labels_are_rejected(data):
+    train = data[0]
+    bad = FeatureSet(train.features, train.labels, np.array([200, 100, 0, 15, 5]), NAMES, name="train")
+    with pytest.raises(LongtailError, match="class_counts of class 'c' is 0"):
+        make_method("balanced-softmax", {"epochs": 1}).fit(bad)
+
+
+# ---------------------------------------------------------------------- hyper-parameter validation
+@pytest.mark.parametrize(
+    "name, params, key",
+    [
+        ("ce", {"epochs": 0}, "epochs = 0"),
+        ("ce", {"epochs": 2.5}, "epochs = 2.5"),
+        ("ce", {"lr": -0.1}, "lr = -0.1"),
+        ("ce", {"batch_size": 0}, "batch_size = 0"),
+        ("ce", {"weight_decay": -1}, "weight_decay = -1"),
+        ("ce", {"seed": "x"}, "seed = 'x'"),
+        ("ce", {"device": "tpu"}, "device"),
+        ("logit-adjust", {"tau": -1}, "tau = -1"),
+        ("cb-ce", {"beta": 1.5}, "beta = 1.5"),
+        ("focal", {"gamma": -2}, "gamma = -2"),
+        ("cosine", {"scale": 0}, "scale = 0"),
+        ("cosine", {"learn_scale": "yes"}, "learn_scale = 'yes'"),
+        ("ldam-drw", {"drw_start": 1.2}, "drw_start = 1.2"),
+        ("ldam-drw", {"max_margin": 0}, "max_margin = 0"),
+        ("tau-norm", {"tau": -0.5}, "tau = -0.5"),
+    ],
+)
+def test_bad_hyper_parameters_raise_at_fit_naming_the_key(data, name, params, key):
+    method = make_method(name, params)  # the constructor only stores
+    with pytest.raises(LongtailError, match=key):
+        method.fit(data[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_user_error(data):
+    with pytest.raises(LongtailError, match="CUDA is not available"):
+        make_method("ce", {"device": "cuda", "epochs": 1}).fit(data[0])
