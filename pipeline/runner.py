@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import MethodSpec, RunConfig
 from pipeline.keys import extract_code_version, method_code_version, stable_hash
-from stages.base import METHODS, Method, SUFFIX_WRAPPERS, make_method
+from stages.base import Method, SUFFIX_WRAPPERS, make_method
 from stages.datasets import load_dataset
 from stages.errors import LongtailError
 from stages import extract as ex
@@ -28,9 +28,6 @@ from storage.artifacts import ArtifactStore, load_tensors, save_tensors
 from storage.featurestore import FeatureStoreWriter, open_store, store_status
 
 log = logging.getLogger("longtail")
-
-SPLITS = ("train", "val", "test")
-
 
 # ---------------------------------------------------------------------------- extraction
 def backbone_spec(cfg: RunConfig) -> dict:
@@ -41,12 +38,12 @@ def backbone_spec(cfg: RunConfig) -> dict:
                 "batch_size": b.batch_size, "weight_decay": b.weight_decay, "width": b.width,
                 "seed": cfg.seed}
     if b.kind == "torchscript":
-        return {"kind": "torchscript", "path": b.path, "method": b.method}
+        return {"kind": "torchscript", "method": b.method}  # the file is identified by its hash
     return {"kind": "python", "target": b.target, "kwargs": b.kwargs, "classifier": b.classifier}
 
 
-def extract_key(cfg: RunConfig, dataset_fingerprint: str, backbone_file_hash: str | None) -> str:
-    return stable_hash("extract", dataset_fingerprint, backbone_spec(cfg), backbone_file_hash,
+def extract_key(cfg: RunConfig, dataset_fingerprint: str, weights_hash: str | None) -> str:
+    return stable_hash("extract", dataset_fingerprint, backbone_spec(cfg), weights_hash,
                        extract_code_version())
 
 
@@ -61,10 +58,7 @@ class StoreInfo:
 def _dataset(cfg: RunConfig):
     d = cfg.dataset
     assert d is not None
-    params = d.model_dump(exclude={"name"})
-    if d.name == "digits-lt":
-        params["seed"] = cfg.seed
-    return load_dataset(d.name, **params)
+    return load_dataset(d.name, seed=cfg.seed, **d.model_dump(exclude={"name"}))
 
 
 def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex.Backbone:
@@ -90,12 +84,13 @@ def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex
 def _planned_key(cfg: RunConfig):
     """The dataset and the extraction key the config asks for (checks the backbone file)."""
     ds = _dataset(cfg)
-    file_hash = None
-    if cfg.backbone.kind == "torchscript":
-        if not os.path.isfile(cfg.backbone.path):
-            raise LongtailError(f"backbone file {cfg.backbone.path!r} does not exist")
-        file_hash = ex.hash_file(cfg.backbone.path)
-    return ds, extract_key(cfg, ds.fingerprint, file_hash)
+    b = cfg.backbone
+    weights = None  # the builtin CNN's weights are determined by its spec and the seed
+    if b.kind == "torchscript":
+        weights = ex.load_torchscript(b.path, b.method).weights_hash
+    elif b.kind == "python":
+        weights = ex.load_python(b.target, b.kwargs, b.classifier).weights_hash
+    return ds, extract_key(cfg, ds.fingerprint, weights)
 
 
 def _complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
@@ -136,13 +131,9 @@ def preflight(cfg: RunConfig) -> None:
             raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
         _complete_store(cfg, None, None)
         return
-    ds, key = _planned_key(cfg)
+    ds, key = _planned_key(cfg)  # also loads a user backbone, so an unreadable file fails here
     if status == "complete":
         _complete_store(cfg, key, ds.fingerprint)
-    elif cfg.backbone.kind == "torchscript":
-        ex.load_torchscript(cfg.backbone.path, cfg.backbone.method)
-    elif cfg.backbone.kind == "python":
-        ex.load_python(cfg.backbone.target, cfg.backbone.kwargs, cfg.backbone.classifier)
 
 
 def run_extract(cfg: RunConfig) -> StoreInfo:
