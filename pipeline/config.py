@@ -70,6 +70,17 @@ class EvaluationConfig(_Strict):
     few_threshold: int = Field(20, ge=0)
     split_rule: Literal["auto", "absolute", "quantile"] = "auto"
     ece_bins: int = Field(20, ge=1)
+    #: imbalance ratios of the shifted test sets (paper 002 Sec. 4.3); an empty list turns them off
+    shift_ratios: list[float] = Field(default_factory=lambda: [50, 25, 10, 5, 2, 1])
+
+    @field_validator("shift_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(r < 1 for r in v):
+            raise ValueError("every shift ratio must be >= 1")
+        if len(set(v)) != len(v):
+            raise ValueError("shift ratios must not repeat")
+        return v
 
 
 class MethodSpec(_Strict):

@@ -22,8 +22,10 @@ from pipeline.config import MethodSpec, RunConfig
 from pipeline.keys import extract_code_version, method_code_version, stable_hash
 from stages.base import Method, SUFFIX_WRAPPERS, make_method
 from stages.datasets import load_dataset
+from stages.calibrate import logit_prior
 from stages.errors import LongtailError
 from stages import extract as ex
+from stages.label_shift import shifted_evaluation
 from storage.artifacts import ArtifactStore, load_tensors, save_tensors
 from storage.featurestore import FeatureStoreWriter, open_store, store_status
 
@@ -353,13 +355,24 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
     many, medium, few, rule = ev.shot_groups(test.class_counts, many_threshold=e.many_threshold,
                                              few_threshold=e.few_threshold, split_rule=e.split_rule)
     details: dict[str, np.ndarray] = {"labels": labels}
+    val = fs.read("val") if "val" in fs.splits else None
+    val_labels = val.labels if val is not None else None
+    label_shift: dict[str, Any] = {}
     for r in results:
         logits = method_logits(cfg, r.key, "test")
         m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
                         few_threshold=e.few_threshold, split_rule=e.split_rule, ece_bins=e.ece_bins)
         m["fit_seconds"] = float(r.fit_seconds)
+        m["classwise_ece"] = ev.classwise_ece(ev.softmax(logits), labels, e.ece_bins)
         metrics["methods"][r.name] = m
         details[f"logits/{r.name}"] = logits
+        if e.shift_ratios:
+            val_logits = method_logits(cfg, r.key, "val") if val_labels is not None else None
+            label_shift[r.name] = shifted_evaluation(
+                logits, labels, test.class_counts, logit_prior(load_method(cfg, r.key)),
+                val_logits=val_logits, val_labels=val_labels, ratios=e.shift_ratios, seed=cfg.seed)
+    if label_shift:
+        metrics["label_shift"] = label_shift
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
                             "few_threshold": e.few_threshold}
     metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
@@ -418,7 +431,63 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
                                few_threshold=rule.get("few_threshold", 20),
                                split_rule=rule.get("split_rule", "auto"))
     plots = {"Per-class accuracy against train count": "plots/per-class-accuracy.png"} | plots
-    return rp.render_report(metrics | {"plots": plots, "store": metrics.get("lineage", {})}, out_dir)
+    return rp.render_report(metrics | {"plots": plots, "store": metrics.get("lineage", {}),
+                                       "sections": report_sections(metrics)}, out_dir)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def report_sections(metrics: dict) -> list[dict]:
+    """The report's tables beyond the comparison: calibration, label shift, prior estimation."""
+    methods = metrics["methods"]
+    sections = [{
+        "title": "Calibration",
+        "text": "On the balanced test split. ECE and classwise ECE with equal-width bins; Brier and NLL "
+                "as in the comparison. Lower is better. `NAME+ts` rows are temperature scaling fitted on val.",
+        "columns": ["Method", "Accuracy (%)", "ECE", "Classwise ECE", "Brier", "NLL"],
+        "rows": [[n, _pct(m["overall"]), f"{m['ece']:.4f}",
+                  "n/a" if m.get("classwise_ece") is None else f"{m['classwise_ece']:.4f}",
+                  f"{m['brier']:.4f}", f"{m['nll']:.4f}"] for n, m in methods.items()],
+    }]
+    shift = metrics.get("label_shift")
+    if not shift:
+        return sections
+    subsets = list(next(iter(shift.values())))
+    header = ["Method"] + [s.replace("forward-", "fwd ").replace("backward-", "bwd ") for s in subsets]
+    rows = []
+    for name, per in shift.items():
+        rows.append([name] + [_pct(per[s]["accuracy"]) for s in subsets])
+        rows.append([f"{name} + PC (true prior)"] + [_pct(per[s]["accuracy_true_prior"]) for s in subsets])
+        rows.append([f"{name} + PC (EM prior)"] + [_pct(per[s]["accuracy_em"]) for s in subsets])
+        if "accuracy_bbse" in per[subsets[0]]:
+            rows.append([f"{name} + PC (BBSE prior)"] + [_pct(per[s].get("accuracy_bbse")) for s in subsets])
+    sizes = ", ".join(f"{s}: {shift[next(iter(shift))][s]['n']}" for s in subsets)
+    sections.append({
+        "title": "Shifted test label distributions",
+        "text": "Top-1 accuracy (%) on long-tailed subsets of the balanced test split (paper 002, Sec. 4.3 "
+                "and Table 6): forward sets follow the train order with the given imbalance ratio, "
+                "backward sets reverse it. PC rows post-compensate each method from the prior its "
+                "logits carry to the subset's true prior, or to the prior estimated from the subset's "
+                f"unlabelled logits by EM or BBSE. Subset sizes: {sizes}.",
+        "columns": header,
+        "rows": rows,
+    })
+    err_rows = []
+    for name, per in shift.items():
+        err_rows.append([f"{name}: EM"] + [f"{per[s]['em_error']:.3f}" for s in subsets])
+        if "bbse_error" in per[subsets[0]]:
+            err_rows.append([f"{name}: BBSE"] + [f"{per[s]['bbse_error']:.3f}" for s in subsets])
+    sections.append({
+        "title": "Deployment prior estimation error",
+        "text": "Total-variation distance between the estimated and the true label prior of each shifted "
+                "test set (0 = exact). EM: Saerens et al. 2002 on the method's posteriors; BBSE: Lipton "
+                "et al. 2018 with the confusion matrix of the val split.",
+        "columns": header,
+        "rows": err_rows,
+    })
+    return sections
 
 
 # ---------------------------------------------------------------------------- everything

@@ -26,6 +26,9 @@ its directory and renamed into place, so a reader never sees half a file.
       "plots": {caption: "relative/path.png"},    # relative to out_dir, must exist; shown in order
       "store": {key: value or {key: value}},      # lineage (store URL, cache keys, code version),
                                                   # shown as a provenance table, nested keys dotted
+      "sections": [{"title": str, "text": str,    # further tables (label shift, calibration, ...),
+                    "columns": [str, ...],        # cells already formatted as strings; shown after
+                    "rows": [[str, ...], ...]}],  # the comparison, in order
     }
 
 A metric that is ``null`` or NaN (an empty shot group; the JSON writer stores NaN as ``null``)
@@ -442,7 +445,18 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
     store = results.get("store") or {}
     if not isinstance(store, Mapping):
         raise LongtailError("results: 'store' must be a mapping of lineage fields")
+    sections = []
+    for i, sec in enumerate(results.get("sections") or []):
+        if not isinstance(sec, Mapping) or not {"title", "columns", "rows"} <= set(sec):
+            raise LongtailError(f"results: sections[{i}] needs 'title', 'columns' and 'rows'")
+        columns = [str(c) for c in sec["columns"]]
+        rows = [[str(c) for c in row] for row in sec["rows"]]
+        if any(len(row) != len(columns) for row in rows):
+            raise LongtailError(f"results: sections[{i}] ({sec['title']!r}) has rows of another width than its columns")
+        sections.append({"title": str(sec["title"]), "text": str(sec.get("text", "")),
+                         "columns": columns, "rows": rows})
     return {
+        "sections": sections,
         "dataset": str(results["dataset"]),
         "counts": counts.astype(np.int64),
         "names": [str(n) for n in names] if names is not None else None,
@@ -516,6 +530,14 @@ def _render_md(r: dict[str, Any], d: dict[str, Any]) -> str:
         cells = [f"**{_md_escape(t)}**" if best else _md_escape(t) for t, best in row]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", d["how"].replace("_", "\\_"), ""]
+    for sec in r["sections"]:
+        lines += [f"## {_md_escape(sec['title'])}", ""]
+        if sec["text"]:
+            lines += [_md_escape(sec["text"]), ""]
+        lines.append("| " + " | ".join(_md_escape(c) for c in sec["columns"]) + " |")
+        lines.append("|" + "|".join([":---"] + ["---:"] * (len(sec["columns"]) - 1)) + "|")
+        lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in sec["rows"]]
+        lines.append("")
     if r["plots"]:
         lines += ["## Plots", ""]
         for caption, rel in r["plots"]:
@@ -583,6 +605,15 @@ def _render_html(r: dict[str, Any], d: dict[str, Any]) -> str:
         )
         out.append(f"<tr><td>{e(name)}</td>{tds}</tr>")
     out += ["</tbody>", "</table>", f'<p class="how">{e(d["how"])}</p>']
+    for sec in r["sections"]:
+        out.append(f"<h2>{e(sec['title'])}</h2>")
+        if sec["text"]:
+            out.append(f'<p class="how">{e(sec["text"])}</p>')
+        out.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in sec["columns"]) + "</tr></thead><tbody>")
+        for row in sec["rows"]:
+            first, *rest = row
+            out.append(f"<tr><td>{e(first)}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in rest) + "</tr>")
+        out.append("</tbody></table>")
     if r["plots"]:
         out.append("<h2>Plots</h2>")
         for caption, rel in r["plots"]:
