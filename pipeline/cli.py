@@ -147,6 +147,31 @@ def import_features(
 
 @app.command()
 @_user_errors
+def calibrate(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config of the fitted methods."),
+    target: str = typer.Option(..., "--target", help="Feature store holding the deployment features."),
+    method: str = typer.Option("em", "--method", help="Prior estimator: em (Saerens et al.) or bbse (Lipton et al.)."),
+    split: str = typer.Option("test", "--split", help="Split of the target store to estimate the prior of."),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (default: the config's output)."),
+) -> None:
+    """Estimate the deployment label prior from unlabelled features and post-compensate every method."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    res = runner.run_calibrate(cfg, target, how=method, split=split, out_dir=out)
+    typer.echo(f"{'method':<22}{'as is':>9}{'estimated':>11}{'true':>9}")
+    for name, m in res["methods"].items():
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.2f}"
+        typer.echo(f"{name:<22}{pct(m['accuracy_uncompensated']):>9}{pct(m['accuracy_estimated_prior']):>11}"
+                   f"{pct(m['accuracy_true_prior']):>9}")
+    typer.echo(f"estimated prior ({method}, {res['split']}): " + ", ".join(f"{p:.3f}" for p in res["estimated_prior"]))
+    typer.echo(f"written: {os.path.join(out or cfg.output, 'calibration.json')}")
+
+
+@app.command()
+@_user_errors
 def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:
     """Re-render report.md, report.html and the plots of a finished run."""
     from pipeline import runner

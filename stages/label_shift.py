@@ -30,6 +30,13 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
     return float(0.5 * np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
 
 
+def positive_prior(prior: np.ndarray) -> np.ndarray:
+    """A prior with its zero entries raised to 1e-12, renormalised: log 0 would make a class
+    unreachable, and an estimated 0 is estimation noise."""
+    p = np.maximum(np.asarray(prior, np.float64), 1e-12)
+    return p / p.sum()  # the sum is >= C * 1e-12 > 0
+
+
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(axis=1) == labels))
 
@@ -76,11 +83,11 @@ def shifted_evaluation(
                "accuracy": _accuracy(z, y),
                "accuracy_true_prior": _accuracy(post_compensate(z, logit_prior, s.prior), y)}
         em = estimate_prior("em", z, logit_prior)
-        row["accuracy_em"] = _accuracy(post_compensate(z, logit_prior, np.maximum(em, 1e-12)), y)
+        row["accuracy_em"] = _accuracy(post_compensate(z, logit_prior, positive_prior(em)), y)
         row["em_error"] = total_variation(em, s.prior)
         if val_logits is not None and val_labels is not None:
             bb = estimate_prior("bbse", z, logit_prior, val_logits, val_labels)
-            row["accuracy_bbse"] = _accuracy(post_compensate(z, logit_prior, np.maximum(bb, 1e-12)), y)
+            row["accuracy_bbse"] = _accuracy(post_compensate(z, logit_prior, positive_prior(bb)), y)
             row["bbse_error"] = total_variation(bb, s.prior)
         out[s.name] = row
     return out
