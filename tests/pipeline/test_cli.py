@@ -5,40 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from pipeline.cli import app
-
-FAST = {"epochs": 5, "batch_size": 64}
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
-
-
-def assert_user_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def imported_run(tmp_path, feature_files, write_config):
-    """A complete imported store and one finished run on it."""
-    store = tmp_path / "store.zarr"
-    r = invoke("import-features", "--train", feature_files["train"], "--val", feature_files["val"],
-               "--test", feature_files["test"], "--out", store)
-    assert r.exit_code == 0, r.output
-    out = tmp_path / "out"
-    cfg = write_config({"store": str(store), "output": str(out),
-                        "methods": [{"name": "ce", "params": FAST}, {"name": "ce+pc", "params": FAST}]})
-    r = invoke("run", cfg, "--no-prefect")
-    assert r.exit_code == 0, r.output
-    return {"store": store, "out": out, "config": cfg}
+from tests.pipeline.conftest import FAST, assert_user_error, invoke
 
 
 def snapshot(path):
