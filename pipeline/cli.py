@@ -135,12 +135,28 @@ def import_features(
     out: str = typer.Option(..., "--out", help="URL or path of the feature store to create."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation features, same format."),
     class_names: Optional[str] = typer.Option(None, "--class-names", help="Comma-separated class names."),
+    extra: Optional[list[str]] = typer.Option(
+        None, "--extra", metavar="NAME=FILE",
+        help="An additional split NAME (lower-case, e.g. deploy) from FILE, labels optional; repeatable.",
+    ),
 ) -> None:
-    """Build a feature store from existing .npz/.h5 feature files."""
+    """Build a feature store from existing .npz/.h5 feature files.
+
+    Train needs labels; val, test and --extra files without labels become unlabelled splits
+    (for deployment-prior estimation)."""
     from storage.importers import import_features as do_import
 
     names = [n.strip() for n in class_names.split(",")] if class_names else None
-    res = do_import(train=train, test=test, out=out, val=val, class_names=names)
+    extra_files: dict[str, str] = {}
+    for value in extra or []:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise LongtailError(f"--extra {value!r}: expected NAME=FILE, e.g. deploy=target.npz")
+        if name in extra_files:
+            raise LongtailError(f"--extra {value!r}: split {name!r} is given twice")
+        extra_files[name] = path
+    res = do_import(train=train, test=test, out=out, val=val, class_names=names, extra=extra_files or None)
     what = "already complete, built from the same files" if res.reused else "written"
     typer.echo(f"feature store {what}: {res.url} (fingerprint {res.store.fingerprint})")
 

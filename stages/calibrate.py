@@ -9,6 +9,15 @@ log space, the post-compensation of Definition 3.1 (eq. 4):
 
 :func:`post_compensate` is that formula, reusable by other wrappers; :func:`validate_prior` is the
 one place that checks a user-given prior; :class:`PostCompensatedSoftmax` (``+pc``) wraps a method.
+
+Which prior do a method's logits carry? Not always the train prior: Balanced Softmax, logit
+adjustment with ``tau = 1``, class-balanced re-training and LADE produce logits whose softmax is
+already the balanced posterior. :func:`logit_prior` asks the method (its ``logit_prior()``, see
+:mod:`stages.heads`) and falls back to the train prior, so ``+pc`` subtracts the prior that is really
+there (paper 002, Sec. 4.3: ``log p_t - log p_u`` for Balanced Softmax) and never compensates twice.
+
+:class:`TemperatureScaling` (``+ts``) is the post-hoc calibration baseline of Guo et al. (ICML
+2017): one temperature fitted on the val split by negative log-likelihood.
 """
 
 from __future__ import annotations
@@ -109,16 +118,32 @@ def post_compensate(
     return (z.astype(np.float64) + shift).astype(z.dtype)
 
 
+def logit_prior(method: Method) -> np.ndarray:
+    """The label prior ``(C,)`` float64 that a fitted method's logits are calibrated to.
+
+    ``p_s`` of paper 002's eq. 4 ("the distribution which the model logits are entangled with"):
+    what :func:`post_compensate` must subtract before it adds a target prior. A method that knows
+    answers through its ``logit_prior()`` (the train prior for ``ce``-like heads; uniform for
+    ``balanced-softmax``, ``logit-adjust`` with ``tau = 1``, ``crt`` and ``lade``; see each head);
+    any other method is taken to carry the train prior ``source_prior_``, as a softmax trained on the
+    train split does (Theorem 1).
+    """
+    own = getattr(method, "logit_prior", None)
+    prior = own() if callable(own) else method.source_prior_
+    return validate_prior(prior, method.num_classes_, f"method {method.name!r}: logit prior", allow_zero=False)
+
+
 @register("pc", kind="suffix")
 class PostCompensatedSoftmax(Wrapper):
     """PC-Softmax (``<method>+pc``): the base's logits post-compensated to ``target_prior``.
 
-    ``p_s`` is the base's train prior (``base.source_prior_``), ``target_prior`` a list of ``C``
-    probabilities or ``None`` for uniform (balanced evaluation). ``fit`` fits the base unless it is
-    already fitted (:meth:`Wrapper.fit`); the priors are checked first, so a bad ``target_prior``
-    fails before minutes of fitting. Exact (Theorem 1) for a base whose softmax estimates
-    ``p_s(y|x)`` (``ce`` and the other heads trained on the source distribution); a base that already
-    removes the prior (``balanced-softmax``, ``logit-adjust``) would be compensated twice.
+    ``f^PC = f - log p_s + log p_t`` (eq. 4) where ``p_s`` is the prior the base's logits carry,
+    :func:`logit_prior` of the base: the train prior for ``ce`` (Theorem 1), uniform for a base that
+    already removed it (``balanced-softmax``, ``logit-adjust`` with ``tau = 1``, ``crt``, ``lade``),
+    so that ``balanced-softmax+pc`` adds ``log p_t - log p_u`` as Sec. 4.3 does and never compensates
+    twice. ``target_prior`` is a list of ``C`` probabilities or ``None`` for uniform (balanced
+    evaluation). ``fit`` fits the base unless it is already fitted (:meth:`Wrapper.fit`); the priors
+    are checked first, so a bad ``target_prior`` fails before minutes of fitting.
     """
 
     def __init__(self, base: Method, target_prior: Sequence[float] | None = None):
@@ -142,12 +167,18 @@ class PostCompensatedSoftmax(Wrapper):
         # a base fitted elsewhere (a cached artifact) must also have a usable prior
         validate_prior(self.base.source_prior_, self.base.num_classes_, f"method {self.base.name}: source prior",
                        allow_zero=False)
+        logit_prior(self.base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fit() has already warned about a renormalised target
             self.target_prior_ = self._target(train.num_classes)
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
-        return post_compensate(logits, self.base.source_prior_, self.target_prior_)
+        return post_compensate(logits, logit_prior(self.base), self.target_prior_)
+
+    def logit_prior(self) -> np.ndarray:
+        """The compensated logits carry the target prior."""
+        self._check_fitted()
+        return np.asarray(self.target_prior_, dtype=np.float64)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"target_prior": torch.as_tensor(self.target_prior_, dtype=torch.float64)}
@@ -157,3 +188,126 @@ class PostCompensatedSoftmax(Wrapper):
             self.target_prior_ = state["target_prior"].numpy().astype(np.float64)
         except KeyError as exc:
             raise LongtailError(f"method +{self.name}: the saved state has no target_prior") from exc
+
+
+# ---------------------------------------------------------------------- temperature scaling
+#: the temperature is searched in [1/TEMPERATURE_BOUND, TEMPERATURE_BOUND]
+TEMPERATURE_BOUND = 100.0
+
+
+def _nll_derivatives(z: np.ndarray, z_true: np.ndarray, beta: float) -> tuple[float, float, float]:
+    """Mean NLL of ``softmax(beta z)`` and its first two derivatives in ``beta`` (float64).
+
+    ``NLL(beta) = mean_i logsumexp(beta z_i) - beta z_i[y_i]``; ``NLL' = mean_i E_p[z_i] - z_i[y_i]``
+    and ``NLL'' = mean_i Var_p[z_i] >= 0`` with ``p = softmax(beta z_i)``: convex in ``beta``.
+    """
+    a = beta * z
+    top = a.max(axis=1, keepdims=True)
+    e = np.exp(a - top)
+    total = e.sum(axis=1, keepdims=True)  # >= 1 after the max-shift
+    p = e / total
+    mean = (p * z).sum(axis=1)
+    var = np.clip((p * z * z).sum(axis=1) - mean * mean, 0.0, None)  # clip: rounding below 0
+    nll = float(np.mean(top[:, 0] + np.log(total[:, 0]) - beta * z_true))
+    return nll, float(np.mean(mean - z_true)), float(np.mean(var))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-10,
+                    max_iter: int = 100) -> float:
+    """The temperature ``T`` minimising the mean NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    A bounded 1-D search in log space: the NLL is convex in ``beta = 1/T``, so its derivative is
+    increasing and has one root in ``[1/B, B]`` (``B = TEMPERATURE_BOUND``) or none. Newton steps on
+    ``log beta``, kept inside a bracket that shrinks every step (bisection whenever Newton would leave
+    it), until the bracket is narrower than ``tol`` or the derivative vanishes. When the NLL still
+    falls at a bound (e.g. ``logits`` that separate every sample: the NLL decreases for ever as
+    ``T -> 0``), that bound is returned with a warning.
+
+    Args:
+        logits: ``(N, C)`` finite logits of the labelled split (val).
+        labels: ``(N,)`` class indices.
+
+    Returns:
+        ``T > 0`` as a float.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] == 0 or not np.isfinite(z).all():
+        raise LongtailError(f"temperature scaling: expected finite (N, C) logits with N >= 1, got shape {z.shape}")
+    y = np.asarray(labels)
+    if y.shape != (z.shape[0],) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= z.shape[1]:
+        raise LongtailError(f"temperature scaling: expected ({z.shape[0]},) labels in [0, {z.shape[1]})")
+    z_true = z[np.arange(z.shape[0]), y]
+    lo, hi = -np.log(TEMPERATURE_BOUND), np.log(TEMPERATURE_BOUND)  # bracket on u = log beta
+    if _nll_derivatives(z, z_true, np.exp(hi))[1] <= 0:
+        warnings.warn(f"temperature scaling: the val NLL still decreases at T = 1/{TEMPERATURE_BOUND:g} "
+                      "(the base separates the val split); T set to that bound", stacklevel=2)
+        return float(1.0 / TEMPERATURE_BOUND)
+    if _nll_derivatives(z, z_true, np.exp(lo))[1] >= 0:
+        warnings.warn(f"temperature scaling: the val NLL still decreases at T = {TEMPERATURE_BOUND:g}; "
+                      "T set to that bound", stacklevel=2)
+        return float(TEMPERATURE_BOUND)
+    u = 0.0  # T = 1: the base as it is
+    for _ in range(max_iter):
+        beta = np.exp(u)
+        _, grad, hess = _nll_derivatives(z, z_true, beta)
+        if grad == 0.0:
+            break
+        if grad > 0:
+            hi = u
+        else:
+            lo = u
+        # Newton on u: d/du = beta NLL', d2/du2 = beta NLL' + beta^2 NLL''
+        g_u, h_u = beta * grad, beta * grad + beta * beta * hess
+        newton = u - g_u / h_u if h_u > 0 else np.nan  # guards the division: not convex in u here
+        new_u = newton if lo < newton < hi else 0.5 * (lo + hi)
+        done = abs(new_u - u) < tol or hi - lo < tol
+        u = new_u
+        if done:
+            break
+    return float(np.exp(-u))
+
+
+@register("ts", kind="suffix")
+class TemperatureScaling(Wrapper):
+    """Temperature scaling (``<method>+ts``, Guo et al., ICML 2017): the base's logits divided by one
+    temperature ``T`` fitted on the **val** split by NLL (:func:`fit_temperature`).
+
+    A post-hoc calibration baseline for paper 002's Sec. 6.5 metrics: ``T > 0`` keeps every argmax,
+    so accuracy is unchanged. ``fit`` without a val split is an error (before the base is fitted).
+    The logits after scaling carry the base's logit prior to the power ``1/T`` (renormalised), which
+    is what a following ``+pc`` removes.
+    """
+
+    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "TemperatureScaling":
+        if val is None:
+            raise LongtailError(
+                f"method {self.base.name}+{self.name}: temperature scaling is fitted on the val split, "
+                "and there is none (give the store a val split)"
+            )
+        if isinstance(val, FeatureSet):
+            val.require_labels()
+        return super().fit(train, val)
+
+    def _fit(self, train: FeatureSet, val: FeatureSet | None) -> None:
+        self.temperature_ = fit_temperature(self.base.logits(val.features), val.require_labels())
+
+    def _transform(self, logits: np.ndarray) -> np.ndarray:
+        return (np.asarray(logits, dtype=np.float64) / self.temperature_).astype(np.float32)  # T > 0
+
+    def logit_prior(self) -> np.ndarray:
+        """``p^(1/T)`` renormalised, ``p`` the base's :func:`logit_prior`: the prior term ``log p`` of
+        the base's logits, divided by ``T``."""
+        self._check_fitted()
+        log_p = np.log(logit_prior(self.base)) / self.temperature_
+        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
+        p = np.exp(log_p)
+        return p / p.sum()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64)}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            self.temperature_ = float(state["temperature"])
+        except KeyError as exc:
+            raise LongtailError(f"method +{self.name}: the saved state has no temperature") from exc

@@ -335,6 +335,17 @@ class _Head(Method):
         """Logits of standardised features ``x``."""
         return self.module_(x)
 
+    def logit_prior(self) -> np.ndarray:
+        """The label prior ``(C,)`` float64 that this head's logits are calibrated to.
+
+        What ``+pc`` swaps for the target prior (``p_s`` of paper 002, eq. 4: "the distribution which
+        the model logits are entangled with"). A head trained with a plain softmax on the train
+        split estimates ``p_s(y|x)``: the train prior (the default). Heads that remove the prior in
+        training override this (``balanced-softmax``, ``logit-adjust``, ``cb-ce``, ``crt``).
+        """
+        self._check_fitted()
+        return np.asarray(self.source_prior_, dtype=np.float64)
+
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -429,6 +440,12 @@ class BalancedSoftmaxHead(_Head):
         counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device)
         return lambda z, y, epoch: balanced_softmax_loss(z, y, counts)
 
+    def logit_prior(self) -> np.ndarray:
+        """Uniform: the softmax of the raw logits estimates the balanced posterior (paper 002, Sec. 4.3
+        compensates Balanced Softmax with ``log p_t - log p_u``)."""
+        self._check_fitted()
+        return np.full(self.num_classes_, 1.0 / self.num_classes_)
+
 
 @register("logit-adjust")
 class LogitAdjustHead(_Head):
@@ -446,6 +463,19 @@ class LogitAdjustHead(_Head):
     def _loss_fn(self, class_counts, device):
         counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device)
         return lambda z, y, epoch: logit_adjusted_loss(z, y, counts, tau=float(self.tau))
+
+    def logit_prior(self) -> np.ndarray:
+        """``p_s^(1 - tau)``, normalised: uniform for ``tau = 1``, the train prior for ``tau = 0``.
+
+        The loss fits ``softmax(f + tau log p_s)`` to ``p_s(y|x) ∝ p_s(y) p(x|y)``, so at its optimum
+        ``f(x)[y] = log p(x|y) + (1 - tau) log p_s(y) + const(x)``: the logits carry the prior
+        ``∝ p_s^(1 - tau)``, exactly as Theorem 1 of paper 002 assumes of a softmax's logits.
+        """
+        self._check_fitted()
+        log_p = (1.0 - float(self.tau)) * np.log(np.asarray(self.source_prior_, dtype=np.float64))
+        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
+        p = np.exp(log_p)
+        return p / p.sum()
 
 
 @register("cb-ce")
@@ -472,6 +502,26 @@ class ClassBalancedCEHead(_Head):
     def _loss_fn(self, class_counts, device):
         weight = torch.as_tensor(class_balanced_weights(class_counts, float(self.beta)), device=device)
         return lambda z, y, epoch: cross_entropy(z, y, weight=weight)
+
+    def _train(self, x, y, class_counts, generator, val) -> None:
+        p = class_balanced_weights(class_counts, float(self.beta)) * np.asarray(class_counts, dtype=np.float64)
+        self.logit_prior_ = p / p.sum()  # > 0: positive weights times positive counts (validated in fit)
+        super()._train(x, y, class_counts, generator, val)
+
+    def logit_prior(self) -> np.ndarray:
+        """``w_y p_s(y)``, normalised (``w`` the class-balanced weights of the loss).
+
+        The population minimiser of ``sum_y w_y p_s(y|x) (-log q_y(x))`` is ``q_y ∝ w_y p_s(y|x) ∝
+        w_y p_s(y) p(x|y)``: the weighted loss trains the softmax under the prior ``∝ w p_s``.
+        """
+        self._check_fitted()
+        return np.asarray(self.logit_prior_, dtype=np.float64)
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        return {"logit_prior": torch.as_tensor(self.logit_prior_, dtype=torch.float64)}
+
+    def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.logit_prior_ = state["logit_prior"].numpy().astype(np.float64)
 
 
 @register("focal")
@@ -580,6 +630,11 @@ class ClassifierRetrainingHead(_Head):
     """
 
     sampling = "class"
+
+    def logit_prior(self) -> np.ndarray:
+        """Uniform: class-balanced sampling trains the softmax on a uniform label distribution."""
+        self._check_fitted()
+        return np.full(self.num_classes_, 1.0 / self.num_classes_)
 
 
 @register("tau-norm")

@@ -12,24 +12,36 @@ Layout (one Zarr v3 group, opened by URL through fsspec)::
         feature_dim             D
         splits                  {split: planned rows}
         has_attributes          {split: bool}
+        has_labels              {split: bool}; ``train`` is always labelled. Stores written
+                                before this key existed lack it: read as "every split labelled"
         fingerprint             content hash of all splits      } written LAST, together,
         complete                true                            } after every split is complete
-    <url>/<split>/              one group per split (train, val, test; val optional), attributes
-                                rows_planned, then on completion: complete, rows, fingerprint
+    <url>/<split>/              one group per split (train, val, test; val optional; more named
+                                splits such as ``deploy`` allowed), attributes rows_planned, then
+                                on completion: complete, rows, fingerprint
         features                (N, D) float32, chunked by rows, NaN fill (a lost chunk reads NaN)
-        labels                  (N,) int64, -1 fill
+        labels                  (N,) int64, -1 fill, only where has_labels[split]: an unlabelled
+                                split (deployment data for prior estimation) has no labels array
+                                at all, rather than one filled with a sentinel that a reader
+                                could mistake for data
         attributes              (N,) int64, -1 fill, only where has_attributes[split]
         index                   (N,) int64 sample index into the original dataset, -1 fill
 
 Fingerprints: a split's fingerprint is blake2b over its name, shape and the blake2b of each of
 its ``features`` (little-endian float32), ``labels`` and ``attributes`` (little-endian int64)
 byte streams, updated chunk by chunk while writing (so it does not depend on how the rows were
-chunked, and nothing is re-read). The store's ``fingerprint`` hashes the schema version, class
+chunked, and nothing is re-read). An unlabelled split has no ``labels`` stream and its header
+says ``"labels": false``, so it never shares a fingerprint with a labelled split of the same
+features; a labelled split's header is unchanged (stores written before unlabelled splits
+existed keep their fingerprints). The store's ``fingerprint`` hashes the schema version, class
 names, class counts, feature dimension and every split's fingerprint. ``index`` is metadata and
 is not part of the fingerprint.
 
 Writing: :class:`FeatureStoreWriter` never overwrites a complete store, resumes an interrupted
 one whose plan matches (completed splits are kept), and rebuilds one whose plan differs.
+``has_labels`` is part of the plan (:data:`PLAN_KEYS`), compared after reading a missing
+``has_labels`` as "every split labelled", so an interrupted store written before the key existed
+still resumes under an all-labelled plan.
 Reading: :func:`open_store` returns a :class:`FeatureStore`; :meth:`FeatureStore.read` gives a
 validated :class:`~stages.data.FeatureSet`. A missing, interrupted, corrupt or unknown-version
 store raises :class:`~stages.errors.LongtailError` naming the URL (and split).
@@ -65,7 +77,10 @@ PLAN_KEYS = (
     "feature_dim",
     "splits",
     "has_attributes",
+    "has_labels",
 )
+#: plan keys that stores written by older versions may lack: key -> its value for such a store
+_PLAN_DEFAULTS = {"has_labels": lambda attrs: {str(s): True for s in (attrs.get("splits") or {})}}
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: target uncompressed size of one chunk of ``features`` (and of the 1-D arrays)
 _TARGET_CHUNK_BYTES = 8 << 20
@@ -119,28 +134,40 @@ def store_status(url: str, *, storage_options: dict | None = None) -> Status:
     return "complete" if attrs.get("complete") is True else "incomplete"
 
 
+def _plan_value(attrs: Mapping[str, Any], key: str) -> Any:
+    """Plan entry ``key`` of stored root attributes, with older stores' missing keys defaulted."""
+    if key not in attrs and key in _PLAN_DEFAULTS:
+        splits = attrs.get("splits")
+        return _PLAN_DEFAULTS[key](attrs if isinstance(splits, dict) else {})
+    return attrs.get(key)
+
+
 # ---------------------------------------------------------------------------------------- hashing
 class _SplitHash:
     """Content hash of one split, updated block by block; independent of the block sizes."""
 
-    def __init__(self, has_attributes: bool) -> None:
+    def __init__(self, has_attributes: bool, has_labels: bool = True) -> None:
         self.features = hashlib.blake2b(digest_size=32)
-        self.labels = hashlib.blake2b(digest_size=32)
+        self.labels = hashlib.blake2b(digest_size=32) if has_labels else None
         self.attributes = hashlib.blake2b(digest_size=32) if has_attributes else None
 
-    def update(self, features: np.ndarray, labels: np.ndarray, attributes: np.ndarray | None) -> None:
+    def update(self, features: np.ndarray, labels: np.ndarray | None, attributes: np.ndarray | None) -> None:
         # callers pass C-contiguous little-endian float32 / int64 arrays
         self.features.update(features)
-        self.labels.update(labels)
+        if self.labels is not None:
+            self.labels.update(labels)
         if self.attributes is not None:
             self.attributes.update(attributes)
 
     def hexdigest(self, name: str, rows: int, dim: int) -> str:
         h = hashlib.blake2b(digest_size=32)
         header = {"split": name, "rows": rows, "feature_dim": dim, "attributes": self.attributes is not None}
+        if self.labels is None:  # only unlabelled splits carry the key: labelled ones hash as before
+            header["labels"] = False
         h.update(json.dumps(header, sort_keys=True).encode())
         h.update(self.features.digest())
-        h.update(self.labels.digest())
+        if self.labels is not None:
+            h.update(self.labels.digest())
         if self.attributes is not None:
             h.update(self.attributes.digest())
         return h.hexdigest()
@@ -201,14 +228,16 @@ class _ArrayBuffer:
 
 
 class _ActiveSplit:
-    def __init__(self, group, rows: int, dim: int, has_attributes: bool, num_classes: int, chunk_rows: int) -> None:
+    def __init__(
+        self, group, rows: int, dim: int, has_attributes: bool, has_labels: bool, num_classes: int, chunk_rows: int
+    ) -> None:
         vec_rows = _vector_chunk_rows(rows)
         self.rows_planned = rows
         self.rows = 0
-        self.hash = _SplitHash(has_attributes)
+        self.hash = _SplitHash(has_attributes, has_labels)
         self.counts = np.zeros(num_classes, dtype=np.int64)
         self.features = _ArrayBuffer(group["features"], chunk_rows)
-        self.labels = _ArrayBuffer(group["labels"], vec_rows)
+        self.labels = _ArrayBuffer(group["labels"], vec_rows) if has_labels else None
         self.attributes = _ArrayBuffer(group["attributes"], vec_rows) if has_attributes else None
         self.index = _ArrayBuffer(group["index"], vec_rows)
 
@@ -236,6 +265,9 @@ class FeatureStoreWriter:
         feature_dim: ``D``.
         splits: ``{split: N}`` rows planned per split; must include ``train``.
         has_attributes: ``{split: bool}``; splits not named have no attributes.
+        has_labels: ``{split: bool}``; splits not named are labelled. An unlabelled split (for
+            example deployment features for prior estimation) stores no ``labels`` array and is
+            written with ``labels=None``. ``train`` must be labelled.
         chunk_rows: rows per chunk of ``features`` (default: about 8 MiB per chunk).
         storage_options: fsspec options for ``url``.
         extra_attrs: descriptive root attributes (for example the dataset name) that are not part
@@ -271,6 +303,7 @@ class FeatureStoreWriter:
         feature_dim: int,
         splits: Mapping[str, int],
         has_attributes: Mapping[str, bool] | None = None,
+        has_labels: Mapping[str, bool] | None = None,
         chunk_rows: int | None = None,
         storage_options: dict | None = None,
         extra_attrs: Mapping[str, Any] | None = None,
@@ -284,7 +317,15 @@ class FeatureStoreWriter:
             raise ValueError(f"extra_attrs may not set {', '.join(clash)}")
         self._storage_options = storage_options
         self._plan = self._make_plan(
-            class_names, class_counts, backbone, backbone_hash, dataset_fingerprint, feature_dim, splits, has_attributes
+            class_names,
+            class_counts,
+            backbone,
+            backbone_hash,
+            dataset_fingerprint,
+            feature_dim,
+            splits,
+            has_attributes,
+            has_labels,
         )
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise LongtailError(f"{self.url}: chunk_rows must be a positive integer, got {chunk_rows!r}")
@@ -303,7 +344,7 @@ class FeatureStoreWriter:
                     "reuse it or delete it first"
                 )
             same = attrs.get("schema_version") == SCHEMA_VERSION and all(
-                attrs.get(k) == self._plan[k] for k in PLAN_KEYS
+                _plan_value(attrs, k) == self._plan[k] for k in PLAN_KEYS
             )
             if same:
                 self.resumed = True
@@ -312,6 +353,8 @@ class FeatureStoreWriter:
         store = zarr_store(self.url, read_only=False, storage_options=storage_options)
         if self.resumed:
             self._root = zarr.open_group(store, mode="r+")
+            if "has_labels" not in attrs:  # written before the key existed: record the (equal) plan
+                self._root.update_attributes({"has_labels": self._plan["has_labels"]})
             for name, rows in self._plan["splits"].items():
                 if name in self._root:
                     sattrs = self._root[name].attrs.asdict()
@@ -323,7 +366,18 @@ class FeatureStoreWriter:
             )
 
     # ------------------------------------------------------------------ plan
-    def _make_plan(self, class_names, class_counts, backbone, backbone_hash, dataset_fingerprint, feature_dim, splits, has_attributes) -> dict:
+    def _make_plan(
+        self,
+        class_names,
+        class_counts,
+        backbone,
+        backbone_hash,
+        dataset_fingerprint,
+        feature_dim,
+        splits,
+        has_attributes,
+        has_labels,
+    ) -> dict:
         url = self.url
         names = [str(n) for n in class_names]
         if not names:
@@ -354,6 +408,12 @@ class FeatureStoreWriter:
         unknown = sorted(set(attrs_flags) - set(split_rows))
         if unknown:
             raise LongtailError(f"{url}: has_attributes names unknown split(s): {', '.join(unknown)}")
+        label_flags = {k: bool(v) for k, v in (has_labels or {}).items()}
+        unknown = sorted(set(label_flags) - set(split_rows))
+        if unknown:
+            raise LongtailError(f"{url}: has_labels names unknown split(s): {', '.join(unknown)}")
+        if not label_flags.get("train", True):
+            raise LongtailError(f"{url}: split 'train' must be labelled (has_labels['train'] is false)")
         plan = {
             "class_names": names,
             "class_counts": [int(c) for c in counts],
@@ -363,6 +423,7 @@ class FeatureStoreWriter:
             "feature_dim": int(feature_dim),
             "splits": split_rows,
             "has_attributes": {name: attrs_flags.get(name, False) for name in split_rows},
+            "has_labels": {name: label_flags.get(name, True) for name in split_rows},
         }
         try:  # normalise to what a JSON round trip gives back, so a resume compares equal
             return json.loads(json.dumps(plan, allow_nan=False))
@@ -399,6 +460,7 @@ class FeatureStoreWriter:
         rows = self._plan["splits"][name]
         dim = self._plan["feature_dim"]
         has_attr = self._plan["has_attributes"][name]
+        has_lab = self._plan["has_labels"][name]
         chunk = min(self._chunk_rows or _feature_chunk_rows(rows, dim), rows)
         vec = _vector_chunk_rows(rows)
         g = self._root.create_group(name, attributes={"rows_planned": rows})
@@ -410,15 +472,15 @@ class FeatureStoreWriter:
             fill_value=np.nan,
             compressors=BloscCodec(**_FEATURE_CODEC),
         )
-        for key in ("labels", "index") + (("attributes",) if has_attr else ()):
+        for key in (("labels",) if has_lab else ()) + ("index",) + (("attributes",) if has_attr else ()):
             g.create_array(key, shape=(rows,), chunks=(vec,), dtype="int64", fill_value=-1)
-        self._active[name] = _ActiveSplit(g, rows, dim, has_attr, len(self._plan["class_names"]), chunk)
+        self._active[name] = _ActiveSplit(g, rows, dim, has_attr, has_lab, len(self._plan["class_names"]), chunk)
 
     def write_chunk(
         self,
         name: str,
         features: np.ndarray,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         attributes: np.ndarray | None = None,
         index: np.ndarray | None = None,
     ) -> None:
@@ -426,7 +488,8 @@ class FeatureStoreWriter:
 
         Args:
             features: ``(n, D)`` finite floats (stored as float32).
-            labels: ``(n,)`` integers in ``[0, C)``.
+            labels: ``(n,)`` integers in ``[0, C)``; ``None`` exactly when the plan says the
+                split is unlabelled (``has_labels[name]`` false).
             attributes: ``(n,)`` non-negative integers; required iff the split has attributes.
             index: ``(n,)`` non-negative sample indices; default: the running row number.
         """
@@ -435,6 +498,10 @@ class FeatureStoreWriter:
             raise RuntimeError(f"{self.url}: write_chunk({name!r}) before begin_split({name!r})")
         sp = self._active[name]
         where = f"{self.url}: split {name!r}"
+        if sp.labels is None and labels is not None:
+            raise LongtailError(f"{where}: labels given, but the plan has this split unlabelled (has_labels false)")
+        if sp.labels is not None and labels is None:
+            raise LongtailError(f"{where}: the chunk has no labels, but the plan has this split labelled")
         feats = np.asarray(features)
         dim = self._plan["feature_dim"]
         if feats.ndim != 2 or feats.shape[1] != dim:
@@ -450,11 +517,13 @@ class FeatureStoreWriter:
             raise LongtailError(f"{where}: {bad} row(s) with NaN or infinite features at rows {sp.rows}..{sp.rows + n - 1}")
         if sp.rows + n > sp.rows_planned:
             raise LongtailError(f"{where}: {sp.rows + n} rows written, only {sp.rows_planned} planned")
-        labs = _as_int_vector(labels, n, "labels", where)
         num_classes = len(self._plan["class_names"])
-        lo, hi = int(labs.min()), int(labs.max())
-        if lo < 0 or hi >= num_classes:
-            raise LongtailError(f"{where}: labels outside [0, {num_classes}) (found {lo if lo < 0 else hi})")
+        labs = None
+        if sp.labels is not None:
+            labs = _as_int_vector(labels, n, "labels", where)
+            lo, hi = int(labs.min()), int(labs.max())
+            if lo < 0 or hi >= num_classes:
+                raise LongtailError(f"{where}: labels outside [0, {num_classes}) (found {lo if lo < 0 else hi})")
         if sp.attributes is not None:
             if attributes is None:
                 raise LongtailError(f"{where}: the plan has attributes for this split but the chunk has none")
@@ -473,9 +542,10 @@ class FeatureStoreWriter:
                 raise LongtailError(f"{where}: index must be >= 0 (found {int(idx.min())})")
 
         sp.hash.update(feats, labs, attrs)
-        sp.counts += np.bincount(labs, minlength=num_classes)
         sp.features.push(feats)
-        sp.labels.push(labs)
+        if sp.labels is not None:
+            sp.counts += np.bincount(labs, minlength=num_classes)
+            sp.labels.push(labs)
         if sp.attributes is not None:
             sp.attributes.push(attrs)
         sp.index.push(idx)
@@ -575,7 +645,7 @@ class FeatureStore:
     def _check_attrs(self) -> None:
         a = self._attrs
         for key in PLAN_KEYS + ("fingerprint",):
-            if key not in a:
+            if key not in a and key not in _PLAN_DEFAULTS:
                 raise self._corrupt(f"root attribute {key!r} is missing")
         if not isinstance(a["class_names"], list) or not a["class_names"]:
             raise self._corrupt("class_names is not a non-empty list")
@@ -588,6 +658,15 @@ class FeatureStore:
             raise self._corrupt(f"feature_dim {a['feature_dim']!r} is not a positive integer")
         if not isinstance(a["splits"], dict) or "train" not in a["splits"]:
             raise self._corrupt("splits does not list a 'train' split")
+        if not isinstance(a["has_attributes"], dict):
+            raise self._corrupt("has_attributes is not a {split: bool} mapping")
+        if "has_labels" not in a:  # a store written before unlabelled splits existed
+            a["has_labels"] = _plan_value(a, "has_labels")
+        labelled = a["has_labels"]
+        if not isinstance(labelled, dict) or not all(isinstance(v, bool) for v in labelled.values()):
+            raise self._corrupt("has_labels is not a {split: bool} mapping")
+        if labelled.get("train", True) is not True:
+            raise self._corrupt("has_labels marks the 'train' split unlabelled")
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -641,6 +720,12 @@ class FeatureStore:
     def has_attributes(self, split: str) -> bool:
         return "attributes" in self._group(split)
 
+    def has_labels(self, split: str) -> bool:
+        """False for an unlabelled split (:meth:`read` gives ``labels=None``); stores written
+        before unlabelled splits existed have every split labelled."""
+        self._group(split)
+        return self._attrs["has_labels"].get(split, True) is True
+
     def split_fingerprint(self, split: str) -> str:
         """Content hash of one split (features, labels, attributes as written)."""
         return str(self._group(split).attrs["fingerprint"])
@@ -667,7 +752,11 @@ class FeatureStore:
             raise self._corrupt(f"{where} is unreadable ({type(e).__name__}: {e})") from e
         if sattrs.get("complete") is not True or sattrs.get("rows") != rows or not sattrs.get("fingerprint"):
             raise self._corrupt(f"{where} is not marked complete with {rows} rows")
-        expected = {"features": ((rows, self.feature_dim), "float32"), "labels": ((rows,), "int64"), "index": ((rows,), "int64")}
+        expected = {"features": ((rows, self.feature_dim), "float32"), "index": ((rows,), "int64")}
+        if self._attrs["has_labels"].get(split, True) is True:
+            expected["labels"] = ((rows,), "int64")
+        elif "labels" in arrays:
+            raise self._corrupt(f"{where} is planned unlabelled but has a 'labels' array")
         if self._attrs["has_attributes"].get(split):
             expected["attributes"] = ((rows,), "int64")
         for key, (shape, dtype) in expected.items():
@@ -694,7 +783,7 @@ class FeatureStore:
         try:
             return FeatureSet(
                 features=self._read(split, "features", start, stop),
-                labels=self._read(split, "labels", start, stop),
+                labels=self._read(split, "labels", start, stop) if self.has_labels(split) else None,
                 class_counts=self.class_counts,
                 class_names=self.class_names,
                 attributes=attrs,
@@ -717,15 +806,18 @@ class FeatureStore:
     def read(self, split: str) -> FeatureSet:
         """Split ``split`` in full as a validated FeatureSet (``name=split``, ``source=url``).
 
-        Shapes: features ``(N, D)`` float32, labels ``(N,)`` int64, attributes ``(N,)`` int64 or
-        None, index ``(N,)`` int64; class_counts ``(C,)`` are the train counts.
+        Shapes: features ``(N, D)`` float32, labels ``(N,)`` int64 (``None`` for an unlabelled
+        split, see :meth:`has_labels`), attributes ``(N,)`` int64 or None, index ``(N,)`` int64;
+        class_counts ``(C,)`` are the train counts.
         """
         return self._feature_set(split, split, None, None)
 
-    def iter_chunks(self, split: str, rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Yields ``(features (n, D) float32, labels (n,) int64, attributes (n,) int64 | None)``
+    def iter_chunks(
+        self, split: str, rows: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+        """Yields ``(features (n, D) float32, labels (n,) int64 | None, attributes (n,) int64 | None)``
         blocks of at most ``rows`` rows (default: the stored chunk size), in order, each
-        validated like :meth:`read`."""
+        validated like :meth:`read`; labels are None throughout for an unlabelled split."""
         n = self.num_rows(split)
         if rows is None:
             rows = int(self._group(split)["features"].chunks[0])
@@ -742,11 +834,11 @@ class FeatureStore:
         names = [split] if split is not None else list(self.splits)
         fps = {}
         for name in names:
-            h = _SplitHash(self.has_attributes(name))
+            h = _SplitHash(self.has_attributes(name), self.has_labels(name))
             for feats, labels, attrs in self.iter_chunks(name):
                 h.update(
                     np.ascontiguousarray(feats, dtype="<f4"),
-                    np.ascontiguousarray(labels, dtype="<i8"),
+                    None if labels is None else np.ascontiguousarray(labels, dtype="<i8"),
                     None if attrs is None else np.ascontiguousarray(attrs, dtype="<i8"),
                 )
             fps[name] = h.hexdigest(name, self.num_rows(name), self.feature_dim)

@@ -6,6 +6,12 @@ Accepted files, one per split (the DLSA reference code's format):
   ``features`` ``(N, D)`` numbers, ``labels`` ``(N,)`` integers (integer-valued floats are
   accepted; ``(N, 1)`` is flattened) and optionally ``attributes`` ``(N,)`` integers >= 0.
 
+Unlabelled splits (deployment features for prior estimation, an unlabelled val or test): where a
+split's labels are optional, a file without ``labels`` is an unlabelled split. Such a file must
+hold nothing but ``features`` (and ``attributes``): a file without ``labels`` but with another
+key (``targets``, ``y``) more likely names its labels differently than has none, and is refused
+with the "missing key 'labels'" error instead of silently losing its labels.
+
 Every problem with a file raises :class:`~stages.errors.LongtailError` whose one-line message
 names the file. HDF5 features are streamed in row blocks (a file larger than memory imports
 fine); an ``.npz`` member cannot be sliced, so its features are loaded whole.
@@ -15,7 +21,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +33,10 @@ from storage.fs import file_hash, json_hash
 
 EXTENSIONS = (".npz", ".h5", ".hdf5")
 KEYS = ("features", "labels", "attributes")
+#: the splits import_features names itself; ``extra`` splits may not reuse these names
+_FIXED_SPLITS = ("train", "val", "test")
+#: an extra split's name (the feature store's rule for split names)
+_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: uncompressed bytes of features read at a time from an HDF5 file
 _BLOCK_BYTES = 64 << 20
 
@@ -37,8 +48,9 @@ def _one_line(e: BaseException) -> str:
 class _FeatureFile:
     """One open feature file: validated metadata, small arrays in memory, features by blocks."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, require_labels: bool = True) -> None:
         self.path = str(path)
+        self.require_labels = bool(require_labels)
         self._h5 = None
         self._npz = None
         if not os.path.exists(self.path):
@@ -82,10 +94,17 @@ class _FeatureFile:
             raise LongtailError(f"{self.path}: cannot read {key!r} ({_one_line(e)})") from e
 
     def _validate(self, found: list[str]) -> None:
-        for key in ("features", "labels"):
-            if key not in found:
+        listed = ", ".join(sorted(found)) or "nothing"
+        if "features" not in found:
+            raise LongtailError(f"{self.path}: missing key 'features' (found: {listed})")
+        if "labels" not in found:
+            if self.require_labels:
+                raise LongtailError(f"{self.path}: missing key 'labels' (found: {listed})")
+            other = sorted(set(found) - {"features", "attributes"})
+            if other:
                 raise LongtailError(
-                    f"{self.path}: missing key {key!r} (found: {', '.join(sorted(found)) or 'nothing'})"
+                    f"{self.path}: missing key 'labels' (found: {listed}); a file without labels (an "
+                    f"unlabelled split) may hold only 'features' and 'attributes', not {other[0]!r}"
                 )
         if self._h5 is not None:
             import h5py
@@ -106,7 +125,7 @@ class _FeatureFile:
         self.n, self.dim = int(shape[0]), int(shape[1])
         if self.n == 0 or self.dim == 0:
             raise LongtailError(f"{self.path}: 'features' is empty, shape {shape}")
-        self.labels = self._int_vector("labels")
+        self.labels = self._int_vector("labels") if "labels" in found else None
         self.attributes = self._int_vector("attributes") if "attributes" in found else None
         if self.attributes is not None and self.attributes.min() < 0:
             raise LongtailError(f"{self.path}: 'attributes' must be >= 0 (found {int(self.attributes.min())})")
@@ -168,16 +187,24 @@ class _FeatureFile:
         self.close()
 
 
-def load_feature_file(path: str) -> dict[str, np.ndarray]:
+def load_feature_file(path: str, require_labels: bool = True) -> dict[str, np.ndarray]:
     """Reads one feature file whole: ``{"features": (N, D) float32, "labels": (N,) int64}``
-    plus ``"attributes": (N,) int64`` when the file has them. LongtailError (naming the file)
-    for a missing, unreadable or corrupt file, an unsupported extension, a missing key,
-    features that are not 2-D or not finite, lengths that differ, or non-integer labels."""
-    with _FeatureFile(path) as f:
+    plus ``"attributes": (N,) int64`` when the file has them.
+
+    With ``require_labels=False`` a file without ``labels`` is an unlabelled split: the result
+    then has no ``"labels"`` key (like ``"attributes"`` when absent), and the file may hold no
+    key besides ``features`` and ``attributes`` (see the module docstring).
+
+    LongtailError (naming the file) for a missing, unreadable or corrupt file, an unsupported
+    extension, a missing key, features that are not 2-D or not finite, lengths that differ, or
+    non-integer labels."""
+    with _FeatureFile(path, require_labels=require_labels) as f:
         feats = np.empty((f.n, f.dim), dtype=np.float32)
         for start, block in f.iter_features():
             feats[start : start + block.shape[0]] = block
-        out = {"features": feats, "labels": f.labels}
+        out = {"features": feats}
+        if f.labels is not None:
+            out["labels"] = f.labels
         if f.attributes is not None:
             out["attributes"] = f.attributes
         return out
@@ -207,17 +234,27 @@ def import_features(
     val: str | None = None,
     class_names: Sequence[str] | None = None,
     *,
+    extra: Mapping[str, str] | None = None,
     storage_options: dict | None = None,
     chunk_rows: int | None = None,
     progress: bool | None = None,
 ) -> ImportResult:
     """Builds a complete feature store at ``out`` from user feature files (one per split).
 
+    Splits are ``train``, ``val`` (when given), ``test``, then the ``extra`` ones in their order:
+    ``extra`` maps additional split names (lower-case letters, digits and ``_``, starting with a
+    letter; not ``train``/``val``/``test``), for example ``{"deploy": "target.npz"}``, to files.
+    ``train`` must have labels; a ``val``, ``test`` or extra file without ``labels`` becomes an
+    unlabelled split (:meth:`~storage.featurestore.FeatureStore.has_labels` false, read back
+    with ``labels=None``; see :func:`load_feature_file` for what such a file may hold). An
+    unlabelled split is for deployment-prior estimation: evaluating methods on ``test`` (and
+    fitting on ``val``) still needs their labels.
+
     The number of classes ``C`` is ``len(class_names)`` when given, else the largest label over
-    all files + 1 (class names are then ``"0"``, ``"1"``, ...). ``class_counts`` are the train
-    label counts. The backbone identity is ``{"kind": "imported", "files": [basenames]}``; the
-    backbone hash is the blake2b of the files' bytes and the dataset fingerprint hashes those
-    and the class names.
+    all labelled files + 1 (class names are then ``"0"``, ``"1"``, ...). ``class_counts`` are
+    the train label counts. The backbone identity is ``{"kind": "imported", "files":
+    [basenames]}``; the backbone hash is the blake2b of the files' bytes (keyed by split, extra
+    splits included) and the dataset fingerprint hashes those and the class names.
 
     If ``out`` holds a complete store built from the very same files and class names (same
     dataset fingerprint), it is returned as is (``reused=True``); any other complete store at
@@ -230,6 +267,17 @@ def import_features(
     if val is not None:
         paths["val"] = str(val)
     paths["test"] = str(test)
+    for name, p in (extra or {}).items():
+        if not isinstance(name, str) or not _SPLIT_NAME.match(name):
+            raise LongtailError(
+                f"import-features: bad extra split name {name!r} (lower-case letters, digits and _, "
+                "starting with a letter)"
+            )
+        if name in paths or name in _FIXED_SPLITS:
+            raise LongtailError(f"import-features: extra split name {name!r} clashes with the train/val/test splits")
+        if not isinstance(p, (str, os.PathLike)) or not str(p):
+            raise LongtailError(f"import-features: extra split {name!r} needs a feature file, got {p!r}")
+        paths[name] = str(p)
     names_given = None if class_names is None else [str(n) for n in class_names]
     if names_given is not None and not names_given:
         raise LongtailError("import-features: class_names is empty")
@@ -263,16 +311,17 @@ def import_features(
     files: dict[str, _FeatureFile] = {}
     try:
         for split, p in paths.items():
-            files[split] = _FeatureFile(p)
+            files[split] = _FeatureFile(p, require_labels=split == "train")
         dim = files["train"].dim
         for split, f in files.items():
             if f.dim != dim:
                 raise LongtailError(f"{f.path}: features have dimension {f.dim}, but {files['train'].path} has {dim}")
+        labelled = [f for f in files.values() if f.labels is not None]  # train at least
         if names_given is not None:
             num_classes = len(names_given)
         else:
-            num_classes = max(int(f.labels.max()) for f in files.values()) + 1
-        for f in files.values():
+            num_classes = max(int(f.labels.max()) for f in labelled) + 1
+        for f in labelled:
             lo, hi = int(f.labels.min()), int(f.labels.max())
             if lo < 0 or hi >= num_classes:
                 bad = lo if lo < 0 else hi
@@ -295,6 +344,7 @@ def import_features(
             feature_dim=dim,
             splits={s: f.n for s, f in files.items()},
             has_attributes={s: f.attributes is not None for s, f in files.items()},
+            has_labels={s: f.labels is not None for s, f in files.items()},
             chunk_rows=chunk_rows,
             storage_options=storage_options,
         )
@@ -309,7 +359,7 @@ def import_features(
                         writer.write_chunk(
                             split,
                             block,
-                            f.labels[start:stop],
+                            None if f.labels is None else f.labels[start:stop],
                             attributes=None if f.attributes is None else f.attributes[start:stop],
                         )
                         bar.update(block.shape[0])

@@ -42,24 +42,26 @@ def plan(data: dict, **over) -> dict:
         backbone_hash="b" * 16,
         dataset_fingerprint="d" * 16,
         feature_dim=D,
-        splits={s: len(v["labels"]) for s, v in data.items()},
+        splits={s: len(v["features"]) for s, v in data.items()},
         has_attributes={s: v["attributes"] is not None for s, v in data.items()},
         chunk_rows=8,
     )
+    if any(v["labels"] is None for v in data.values()):  # else: the default, every split labelled
+        kw["has_labels"] = {s: v["labels"] is not None for s, v in data.items()}
     kw.update(over)
     return kw
 
 
 def write_split(w: FeatureStoreWriter, data: dict, split: str, block: int = 5, stop: int | None = None) -> None:
     d = data[split]
-    n = len(d["labels"]) if stop is None else stop
+    n = len(d["features"]) if stop is None else stop
     w.begin_split(split)
     for i in range(0, n, block):
         j = min(n, i + block)
         w.write_chunk(
             split,
             d["features"][i:j],
-            d["labels"][i:j],
+            None if d["labels"] is None else d["labels"][i:j],
             None if d["attributes"] is None else d["attributes"][i:j],
             d["index"][i:j],
         )
@@ -425,3 +427,145 @@ def test_writer_does_not_keep_references_to_caller_buffers(tmp_path, data):
         write_split(w, data, split)
     w.finish()
     np.testing.assert_array_equal(open_store(url).read("train").features, d["features"])
+
+
+# ---------------------------------------------------------------------------------------- unlabelled splits
+def unlabelled(data: dict, *splits: str) -> dict:
+    out = {s: dict(v) for s, v in data.items()}
+    for s in splits:
+        out[s]["labels"] = None
+    return out
+
+
+def test_unlabelled_split_round_trip(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    udata = unlabelled(data, "test")
+    fp = build(url, udata)
+    st = open_store(url)
+    assert st.attrs["has_labels"] == {"train": True, "val": True, "test": False}
+    assert [st.has_labels(s) for s in st.splits] == [True, True, False]
+    fs = st.read("test")
+    assert fs.labels is None
+    np.testing.assert_array_equal(fs.features, data["test"]["features"])
+    np.testing.assert_array_equal(fs.attributes, data["test"]["attributes"])  # attributes are kept
+    np.testing.assert_array_equal(fs.index, data["test"]["index"])
+    with pytest.raises(LongtailError, match="'test' has no labels"):
+        fs.require_labels()
+    np.testing.assert_array_equal(st.read("val").labels, data["val"]["labels"])
+    assert "labels" not in zarr.open_group(url, mode="r")["test"]  # no sentinel-filled array
+    blocks = list(st.iter_chunks("test", 10))
+    assert all(b[1] is None for b in blocks)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), data["test"]["features"])
+    st.verify()  # the recomputed fingerprints agree with the written ones
+    assert st.fingerprint == fp
+
+
+def test_unlabelled_fingerprint_differs_and_labelled_ones_do_not_move(tmp_path, data):
+    build(str(tmp_path / "l.zarr"), data)
+    build(str(tmp_path / "u.zarr"), unlabelled(data, "test"))
+    lab, unl = open_store(str(tmp_path / "l.zarr")), open_store(str(tmp_path / "u.zarr"))
+    assert lab.split_fingerprint("test") != unl.split_fingerprint("test")
+    assert lab.fingerprint != unl.fingerprint
+    for s in ("train", "val"):
+        assert lab.split_fingerprint(s) == unl.split_fingerprint(s)
+    # a labelled split hashes exactly as before unlabelled splits existed (old stores keep theirs)
+    import hashlib
+
+    d = data["val"]
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps({"split": "val", "rows": 9, "feature_dim": D, "attributes": False}, sort_keys=True).encode())
+    for arr, dt in ((d["features"], "<f4"), (d["labels"], "<i8")):
+        h.update(hashlib.blake2b(np.ascontiguousarray(arr, dtype=dt).tobytes(), digest_size=32).digest())
+    assert lab.split_fingerprint("val") == h.hexdigest()
+    # and the unlabelled one is not the labelled one with its labels left out of the hash
+    d = data["test"]
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps({"split": "test", "rows": 23, "feature_dim": D, "attributes": True}, sort_keys=True).encode())
+    for arr in (np.ascontiguousarray(d["features"], dtype="<f4"), np.ascontiguousarray(d["attributes"], dtype="<i8")):
+        h.update(hashlib.blake2b(arr.tobytes(), digest_size=32).digest())
+    assert unl.split_fingerprint("test") != h.hexdigest()
+
+
+def test_labels_must_match_the_plan(tmp_path, data):
+    udata = unlabelled(data, "test")
+    w = FeatureStoreWriter(str(tmp_path / "f.zarr"), **plan(udata))
+    w.begin_split("test")
+    d = data["test"]
+    with pytest.raises(LongtailError, match="labels given, but the plan has this split unlabelled") as e:
+        w.write_chunk("test", d["features"][:5], d["labels"][:5], d["attributes"][:5])
+    assert "'test'" in str(e.value)
+    w.begin_split("val")
+    with pytest.raises(LongtailError, match="no labels, but the plan has this split labelled") as e:
+        w.write_chunk("val", data["val"]["features"][:5], None)
+    assert "'val'" in str(e.value)
+
+
+def test_train_must_be_labelled_and_has_labels_names_known_splits(tmp_path, data):
+    with pytest.raises(LongtailError, match="'train' must be labelled") as e:
+        FeatureStoreWriter(str(tmp_path / "a.zarr"), **plan(data, has_labels={"train": False}))
+    assert str(tmp_path / "a.zarr") in str(e.value)
+    with pytest.raises(LongtailError, match="has_labels names unknown split"):
+        FeatureStoreWriter(str(tmp_path / "a.zarr"), **plan(data, has_labels={"deploy": False}))
+    assert store_status(str(tmp_path / "a.zarr")) == "missing"
+
+
+def _drop_root_attr(path, key):
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"][key]
+    meta.write_text(json.dumps(doc))
+
+
+def test_store_written_without_has_labels_still_opens(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    fp = build(url, data)
+    _drop_root_attr(tmp_path / "f.zarr", "has_labels")  # as written before the key existed
+    st = open_store(url)
+    assert all(st.has_labels(s) for s in st.splits)
+    np.testing.assert_array_equal(st.read("test").labels, data["test"]["labels"])
+    st.verify()
+    assert st.fingerprint == fp
+
+
+def test_resume_of_store_written_without_has_labels(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    _drop_root_attr(tmp_path / "f.zarr", "has_labels")
+    w = FeatureStoreWriter(url, **plan(data))  # the same (all-labelled) plan: resumed
+    assert w.resumed and w.split_done("train")
+    for split in ("val", "test"):
+        write_split(w, data, split)
+    assert w.finish() == build(str(tmp_path / "clean.zarr"), data)
+    assert open_store(url).attrs["has_labels"] == {"train": True, "val": True, "test": True}
+
+    url = str(tmp_path / "g.zarr")
+    w = FeatureStoreWriter(url, **plan(data))
+    write_split(w, data, "train")
+    _drop_root_attr(tmp_path / "g.zarr", "has_labels")
+    w = FeatureStoreWriter(url, **plan(unlabelled(data, "test")))  # another plan: rebuilt
+    assert not w.resumed and not w.split_done("train")
+
+
+def test_has_labels_is_part_of_the_plan(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    w = FeatureStoreWriter(url, **plan(unlabelled(data, "val")))
+    write_split(w, unlabelled(data, "val"), "train")
+    assert FeatureStoreWriter(url, **plan(unlabelled(data, "val"))).resumed
+    assert not FeatureStoreWriter(url, **plan(data)).resumed
+    with pytest.raises(ValueError, match="has_labels"):
+        FeatureStoreWriter(url, **plan(data), extra_attrs={"has_labels": {}})
+
+
+def test_hand_edited_has_labels_is_caught(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, unlabelled(data, "test"))
+    _edit_root(tmp_path / "f.zarr", has_labels={"train": True, "val": True, "test": True})
+    with pytest.raises(LongtailError, match="'test' has no 'labels' array"):
+        open_store(url).read("test")
+    _edit_root(tmp_path / "f.zarr", has_labels={"train": True, "val": False, "test": False})
+    with pytest.raises(LongtailError, match="'val' is planned unlabelled but has a 'labels' array"):
+        open_store(url).read("val")
+    _edit_root(tmp_path / "f.zarr", has_labels={"train": False, "val": True, "test": False})
+    with pytest.raises(LongtailError, match="marks the 'train' split unlabelled"):
+        open_store(url)

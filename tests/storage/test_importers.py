@@ -222,3 +222,146 @@ def test_integer_valued_float_labels_are_accepted(tmp_path):
     got = load_feature_file(save(tmp_path / "f.npz", data))
     assert got["labels"].dtype == np.int64
     np.testing.assert_array_equal(got["labels"], data["labels"].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------- unlabelled splits
+def unlabelled_arrays(n: int, seed: int, attributes: bool = False) -> dict:
+    data = arrays(n, seed, attributes=attributes)
+    del data["labels"]
+    return data
+
+
+def test_load_feature_file_without_labels(tmp_path):
+    data = unlabelled_arrays(9, 4, attributes=True)
+    path = save(tmp_path / "deploy.h5", data)
+    got = load_feature_file(path, require_labels=False)
+    assert set(got) == {"features", "attributes"}
+    np.testing.assert_array_equal(got["features"], data["features"].astype(np.float32))
+    with pytest.raises(LongtailError, match=r"missing key 'labels' \(found: attributes, features\)"):
+        load_feature_file(path)  # labels required by default
+    # labels are read when present, even where they are optional
+    labelled = save(tmp_path / "l.npz", arrays(9, 4))
+    assert "labels" in load_feature_file(labelled, require_labels=False)
+
+
+def test_file_without_labels_but_with_another_key_is_refused(tmp_path):
+    """``targets`` is more likely misnamed labels than no labels: never drop them silently."""
+    good = arrays(10, 0)
+    path = save(tmp_path / "t.npz", {"features": good["features"], "targets": good["labels"]})
+    with pytest.raises(LongtailError, match=r"t.npz: missing key 'labels' \(found: features, targets\).*not 'targets'") as e:
+        load_feature_file(path, require_labels=False)
+    assert "\n" not in str(e.value)
+
+
+def test_import_with_unlabelled_extra_and_test_splits(tmp_path):
+    train, val = arrays(30, 0), arrays(8, 1, attributes=False)
+    test, deploy = unlabelled_arrays(12, 2), unlabelled_arrays(15, 3, attributes=True)
+    out = str(tmp_path / "o.zarr")
+    res = import_features(
+        save(tmp_path / "tr.npz", train), save(tmp_path / "te.npz", test), out,
+        val=save(tmp_path / "va.npz", val), extra={"deploy": save(tmp_path / "dep.h5", deploy)},
+    )
+    st = res.store
+    assert st.splits == ("train", "val", "test", "deploy")
+    assert [st.has_labels(s) for s in st.splits] == [True, True, False, False]
+    assert st.class_names == ("0", "1", "2", "3")  # C from the labels present (train, val)
+    np.testing.assert_array_equal(st.class_counts, np.bincount(train["labels"], minlength=4))
+    assert st.backbone["files"] == ["tr.npz", "va.npz", "te.npz", "dep.h5"]
+    for split, d in (("test", test), ("deploy", deploy)):
+        fs = st.read(split)
+        assert fs.labels is None
+        np.testing.assert_array_equal(fs.features, d["features"].astype(np.float32))
+    np.testing.assert_array_equal(st.read("deploy").attributes, deploy["attributes"])
+    np.testing.assert_array_equal(st.read("val").labels, val["labels"])
+    st.verify()
+
+
+def test_reuse_takes_the_extra_splits_into_account(tmp_path):
+    tr, te = save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2))
+    dep = save(tmp_path / "dep.npz", unlabelled_arrays(15, 3))
+    out = str(tmp_path / "o.zarr")
+    first = import_features(tr, te, out, extra={"deploy": dep})
+    before = snapshot(out)
+    again = import_features(tr, te, out, extra={"deploy": dep})
+    assert again.reused and again.store.fingerprint == first.store.fingerprint
+    other = save(tmp_path / "dep2.npz", unlabelled_arrays(15, 4))
+    for kw in ({"extra": {"deploy": other}}, {}, {"extra": {"target": dep}}):
+        with pytest.raises(LongtailError, match="already holds a complete feature store"):
+            import_features(tr, te, out, **kw)
+    assert snapshot(out) == before
+
+
+def test_train_needs_labels(tmp_path):
+    tr = save(tmp_path / "tr.npz", unlabelled_arrays(30, 0))
+    with pytest.raises(LongtailError, match=r"tr.npz: missing key 'labels'"):
+        import_features(tr, save(tmp_path / "te.npz", arrays(12, 2)), str(tmp_path / "o.zarr"))
+    assert store_status(str(tmp_path / "o.zarr")) == "missing"
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [("Deploy", "bad extra split name 'Deploy'"), ("1st", "bad extra split name '1st'"),
+     ("test", "'test' clashes"), ("val", "'val' clashes")],
+)
+def test_bad_extra_split_names(tmp_path, name, match):
+    tr, te = save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2))
+    with pytest.raises(LongtailError, match=match):
+        import_features(tr, te, str(tmp_path / "o.zarr"), extra={name: te})
+    assert store_status(str(tmp_path / "o.zarr")) == "missing"
+
+
+def test_labels_of_unlabelled_capable_splits_are_still_checked(tmp_path):
+    """A val/test/extra file that has labels must have good ones: optional is not unchecked."""
+    dep = arrays(15, 3)
+    dep["labels"][4] = 9
+    with pytest.raises(LongtailError, match=r"dep.npz: label 9 outside \[0, 4\)"):
+        import_features(save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2)),
+                        str(tmp_path / "o.zarr"), class_names=list("abcd"),
+                        extra={"deploy": save(tmp_path / "dep.npz", dep)})
+
+
+# ---------------------------------------------------------------------------------------- the command
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["import-features", *[str(a) for a in args]])
+
+
+def test_cli_extra_split(tmp_path):
+    tr, te = save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2))
+    dep = save(tmp_path / "dep.npz", unlabelled_arrays(15, 3))
+    lab = save(tmp_path / "lab.npz", arrays(7, 5))
+    out = tmp_path / "o.zarr"
+    r = _cli("--train", tr, "--test", te, "--out", out, "--extra", f"deploy={dep}", "--extra", f"shifted={lab}")
+    assert r.exit_code == 0, r.output
+    st = open_store(str(out))
+    assert st.splits == ("train", "test", "deploy", "shifted")
+    assert not st.has_labels("deploy") and st.has_labels("shifted")
+    assert st.read("deploy").labels is None
+    np.testing.assert_array_equal(st.read("deploy").features, np.load(dep)["features"].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [("deploy", "expected NAME=FILE"), ("=x.npz", "expected NAME=FILE"), ("deploy=", "expected NAME=FILE"),
+     ("Deploy={dep}", "bad extra split name 'Deploy'"), ("train={dep}", "'train' clashes"),
+     ("test={dep}", "'test' clashes")],
+)
+def test_cli_malformed_extra_is_one_line(tmp_path, value, needle):
+    tr, te = save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2))
+    dep = save(tmp_path / "dep.npz", unlabelled_arrays(15, 3))
+    r = _cli("--train", tr, "--test", te, "--out", tmp_path / "o.zarr", "--extra", value.format(dep=dep))
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert store_status(str(tmp_path / "o.zarr")) == "missing"
+
+
+def test_cli_same_extra_split_twice_is_refused(tmp_path):
+    tr, te = save(tmp_path / "tr.npz", arrays(30, 0)), save(tmp_path / "te.npz", arrays(12, 2))
+    dep = save(tmp_path / "dep.npz", unlabelled_arrays(15, 3))
+    r = _cli("--train", tr, "--test", te, "--out", tmp_path / "o.zarr", "--extra", f"deploy={dep}", "--extra", f"deploy={tr}")
+    assert r.exit_code == 2 and "given twice" in r.stderr and len(r.stderr.strip().splitlines()) == 1
