@@ -11,3 +11,9 @@ tempfile.tempdir = os.environ["TMPDIR"]
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Tests fit hundreds of tiny models: one intra-op thread avoids thread start-up and contention costs
+# that dominate at that size (and keeps timings sane when CI shares its cores).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
