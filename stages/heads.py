@@ -637,6 +637,10 @@ class ClassifierRetrainingHead(_Head):
         return np.full(self.num_classes_, 1.0 / self.num_classes_)
 
 
+#: candidate powers gamma of the train prior that tau-normalised logits carry
+PRIOR_POWERS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
 @register("tau-norm")
 class TauNormHead(_Head):
     """tau-normalised classifier (Kang et al., ICLR 2020, "Decoupling representation and classifier").
@@ -670,6 +674,7 @@ class TauNormHead(_Head):
             self.tau_ = 1.0
         else:
             self.tau_ = self._choose_tau(val)
+        self.prior_power_ = None if val is None else self._choose_prior_power(val)
 
     def _choose_tau(self, val: FeatureSet) -> float:
         dev = self.mean_.device
@@ -681,6 +686,28 @@ class TauNormHead(_Head):
         self.val_scores_ = np.asarray(scores)  # val balanced accuracy per TAU_GRID value (diagnostic)
         return float(TAU_GRID[int(np.argmax(scores))])  # argmax: the first (smallest) tau among ties
 
+    def _choose_prior_power(self, val: FeatureSet) -> float:
+        """Which prior do tau-normalised logits carry? Neither the train prior (tau-normalisation
+        removes part of it) nor the uniform one: model it as ``p_s^gamma`` (renormalised) and
+        choose ``gamma`` in ``0, 0.1, ..., 1`` on the **val** split, as the power whose removal
+        (``z - gamma log p_s``, PC-Softmax to a uniform target, paper 002 eq. 4) gives the best
+        balanced accuracy (ties: the smallest). One scalar, so 20 val samples a class suffice."""
+        dev = self.mean_.device
+        yv = torch.tensor(val.labels, device=dev)
+        log_ps = torch.log(torch.as_tensor(self.source_prior_, dtype=torch.float32, device=dev))
+        with torch.inference_mode():
+            zv = self._scores(self._standardise(torch.tensor(val.features, device=dev)))
+            scores = [balanced_accuracy((zv - g * log_ps).argmax(1), yv, self.num_classes_) for g in PRIOR_POWERS]
+        return float(PRIOR_POWERS[int(np.argmax(scores))])
+
+    def logit_prior(self) -> np.ndarray:
+        """``p_s^gamma`` renormalised, ``gamma`` chosen on val (:meth:`_choose_prior_power`); the
+        train prior (``gamma = 1``) when no val split was given."""
+        self._check_fitted()
+        gamma = 1.0 if getattr(self, "prior_power_", None) is None else self.prior_power_
+        p = np.asarray(self.source_prior_, dtype=np.float64) ** gamma
+        return p / p.sum()  # > 0: the train prior has no zero entry (checked in fit)
+
     def _scores(self, x: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         tau = self.tau_ if tau is None else tau
         w = self.module_.weight
@@ -691,11 +718,14 @@ class TauNormHead(_Head):
         state = {"tau": torch.tensor(self.tau_, dtype=torch.float64)}
         if getattr(self, "val_scores_", None) is not None:
             state["val_scores"] = torch.as_tensor(self.val_scores_, dtype=torch.float64)
+        if getattr(self, "prior_power_", None) is not None:
+            state["prior_power"] = torch.tensor(self.prior_power_, dtype=torch.float64)
         return state
 
     def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.tau_ = float(state["tau"])
         self.val_scores_ = state["val_scores"].numpy() if "val_scores" in state else None
+        self.prior_power_ = float(state["prior_power"]) if "prior_power" in state else None
 
 
 @register("lws")

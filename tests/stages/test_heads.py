@@ -258,3 +258,22 @@ def test_bad_hyper_parameters_raise_at_fit_naming_the_key(data, name, params, ke
 def test_cuda_without_cuda_is_a_user_error(data):
     with pytest.raises(LongtailError, match="CUDA is not available"):
         make_method("ce", {"device": "cuda", "epochs": 1}).fit(data[0])
+
+
+def test_tau_norm_logit_prior_is_a_power_of_the_train_prior_chosen_on_val():
+    rng = np.random.default_rng(0)
+    counts = [120, 40, 12, 4]
+
+    def split(per_class, name):
+        x = np.concatenate([rng.normal(size=(n, 4)) + 2.0 * np.eye(4)[c] for c, n in enumerate(per_class)])
+        y = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)])
+        return FeatureSet(x.astype(np.float32), y, np.array(counts), tuple("abcd"), name=name)
+
+    train, val = split(counts, "train"), split([30] * 4, "val")
+    head = make_method("tau-norm", {"epochs": 10, "device": "cpu"}).fit(train, val)
+    assert 0.0 <= head.prior_power_ <= 1.0
+    expected = train.prior ** head.prior_power_
+    np.testing.assert_allclose(head.logit_prior(), expected / expected.sum())
+    # without val there is nothing to measure it on: the train prior
+    no_val = make_method("tau-norm", {"epochs": 10, "device": "cpu"}).fit(train)
+    np.testing.assert_allclose(no_val.logit_prior(), train.prior)
