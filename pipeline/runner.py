@@ -132,8 +132,10 @@ def preflight(cfg: RunConfig) -> None:
         if status != "complete":
             raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
         _complete_store(cfg, None, None)
+        validate_methods(cfg, open_store(cfg.store).num_classes)
         return
     ds, key = _planned_key(cfg)  # also loads a user backbone, so an unreadable file fails here
+    validate_methods(cfg, ds.num_classes)
     if status == "complete":
         _complete_store(cfg, key, ds.fingerprint)
 
@@ -246,10 +248,13 @@ def _from_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def validate_methods(cfg: RunConfig) -> None:
-    """Build every configured method once, so an unknown name or parameter fails before any work."""
+def validate_methods(cfg: RunConfig, num_classes: int | None = None) -> None:
+    """Build every configured method once, so an unknown name or parameter fails before any work;
+    with the number of classes, also the parameters that depend on it (a target prior's length)."""
     for spec in cfg.methods:
-        build_method(cfg, spec)
+        method, _ = build_method(cfg, spec)
+        if num_classes is not None:
+            method.check_params(num_classes)
 
 
 def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
@@ -523,8 +528,8 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
     if name == "report":
         render_report(cfg.output, cfg.evaluation.ece_bins)
         return None
-    validate_methods(cfg)
     store = existing_store(cfg)
+    validate_methods(cfg, open_store(store.url).num_classes)
     if name != "evaluate":
         method_name = name.removeprefix("method:")
         specs = [s for s in cfg.methods if s.name == method_name]

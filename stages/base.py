@@ -93,6 +93,10 @@ class Method:
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.logits(features).argmax(axis=1)
 
+    def check_params(self, num_classes: int) -> None:
+        """Checks of the parameters that need the number of classes (a prior's length, ...),
+        run by the pipeline before any work so that a bad value fails in seconds. Default: none."""
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Learned state as a flat dict of tensors (CPU, contiguous)."""
@@ -143,6 +147,9 @@ class Wrapper(Method):
 
     def __init__(self, base: Method):
         self.base = base
+
+    def check_params(self, num_classes: int) -> None:
+        self.base.check_params(num_classes)
 
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "Method":
         """Fit the wrapped method unless it is already fitted (a cached base is reused as is),

@@ -158,6 +158,10 @@ class PostCompensatedSoftmax(Wrapper):
                            allow_zero=False)
         return super().fit(train, val)
 
+    def check_params(self, num_classes: int) -> None:
+        super().check_params(num_classes)
+        self._target(num_classes)
+
     def _target(self, num_classes: int) -> np.ndarray:
         if self.target_prior is None:
             return np.full(num_classes, 1.0 / num_classes)  # num_classes >= 1 (FeatureSet)

@@ -364,6 +364,11 @@ class _Head(Method):
         return {"epochs": int(self.epochs), "lr": float(self.lr), "batch_size": int(self.batch_size),
                 "weight_decay": float(self.weight_decay)}
 
+    def check_params(self, num_classes: int) -> None:
+        """Hyper-parameter checks, run by the pipeline before any work (and again in fit)."""
+        self._check_params()
+        resolve_device(self.device)
+
     def _check_params(self) -> None:
         _check_number(self.name, "epochs", self.epochs, integer=True, low=1)
         _check_number(self.name, "lr", self.lr, low=0, low_open=True)

@@ -67,6 +67,10 @@ class LADEHead(_Head):
             self._target(train.num_classes)  # a bad target prior fails before the training
         return super().fit(train, val)
 
+    def check_params(self, num_classes: int) -> None:
+        super().check_params(num_classes)
+        self._target(num_classes)
+
     def _check_own_params(self) -> None:
         _check_number(self.name, "alpha", self.alpha, low=0)
         _check_number(self.name, "lam", self.lam, low=0)

@@ -145,3 +145,14 @@ def test_usage_errors_exit_2(tmp_path):
     assert invoke("run").exit_code == 2
     assert invoke("frobnicate").exit_code == 2
     assert_user_error(invoke("run", tmp_path / "nope.yaml"), "nope.yaml", "does not exist")
+
+
+def test_parameter_errors_fail_before_any_fit(imported_run, write_config, tmp_path):
+    out = tmp_path / "fresh-out"
+    for params, needle in (({"pc": {"target_prior": [0.5, 0.5, -0.2, 0.2]}}, "negative"),
+                           ({"pc": {"target_prior": [0.5, 0.5]}}, "target_prior"),
+                           ({"lr": -1}, "lr")):
+        cfg = write_config({"store": str(imported_run["store"]), "output": str(out),
+                            "methods": [{"name": "ce+pc", "params": params}]}, "p.yaml")
+        assert_user_error(invoke("run", cfg), needle)
+        assert not out.exists()  # no cache, no fit, no Prefect run
