@@ -1,6 +1,6 @@
 """One contract over every registered method (the spirit of scikit-learn's ``check_estimator``).
 
-Parametrised over ``known_methods()`` plus the composite ``ce+pc``: a method added to the registry is
+Parametrised over ``known_methods()`` plus the composites ``ce+pc`` and ``dlsa+ce``: a method added to the registry is
 checked here without a new line.
 """
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.base import Method, Wrapper, known_methods, make_method
+from stages.base import PREFIX_WRAPPERS, Method, Wrapper, known_methods, make_method
 from stages.data import FeatureSet
 from stages.errors import LongtailError
 
@@ -26,7 +26,7 @@ def _params(name: str) -> dict:
     return params
 
 
-ALL = known_methods() + ["ce+pc"]
+ALL = known_methods() + ["ce+pc", "dlsa+ce"]
 
 
 def _data(counts=(60, 30, 12, 6), seed=0, labels_of=None):
@@ -74,7 +74,10 @@ def _make_params(method: Method) -> dict:
 
 
 def _full_name(method: Method) -> str:
-    return f"{_full_name(method.base)}+{method.name}" if isinstance(method, Wrapper) else method.name
+    if not isinstance(method, Wrapper):
+        return method.name
+    inner = _full_name(method.base)
+    return f"{method.name}+{inner}" if method.name in PREFIX_WRAPPERS else f"{inner}+{method.name}"
 
 
 @pytest.mark.parametrize("name", ALL)
