@@ -26,6 +26,12 @@ def method_task(cfg: RunConfig, spec: MethodSpec, store: runner.StoreInfo) -> ru
     return runner.run_method(cfg, spec, store)
 
 
+@task(name="dlsa-cascades", cache_policy=NO_CACHE)
+def cascades_task(cfg: RunConfig, specs: list[MethodSpec], store: runner.StoreInfo) -> list[str]:
+    """One flow cascade per distinct set of DLSA parameters, fitted once for every wrapped head."""
+    return [runner.run_dlsa_cascade(cfg, s, store).key for s in specs]
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: RunConfig, store: runner.StoreInfo, results: list[runner.MethodResult]) -> dict:
     return runner.run_evaluate(cfg, store, results)
@@ -42,12 +48,16 @@ def longtail_flow(config: dict[str, Any]) -> dict:
     cfg = parse_config(config)
     runner.validate_methods(cfg)
     store = extract_task(cfg)
-    heads = [s for s in cfg.methods if not runner.split_wrappers(s.name)[1]]
-    wrapped = [s for s in cfg.methods if runner.split_wrappers(s.name)[1]]
+    dlsa = [s for s in cfg.methods if runner.uses_dlsa(s.name)]
+    heads = [s for s in cfg.methods if not runner.split_wrappers(s.name)[1] and s not in dlsa]
+    wrapped = [s for s in cfg.methods if s not in heads]
     head_futures = [method_task.submit(cfg, s, store) for s in heads]
-    # calibration wrappers reuse their base's cached fit, so they wait for the heads
+    if dlsa:  # the cascades are fitted once, before the dlsa+<head> tasks that share them
+        head_futures.append(cascades_task.submit(cfg, dlsa, store))
+    # wrappers reuse their base's cached fit (and DLSA its cascade), so they wait for the heads
     wrap_futures = [method_task.submit(cfg, s, store, wait_for=head_futures) for s in wrapped]
-    by_name = {f.result().name: f.result() for f in head_futures + wrap_futures}
+    by_name = {r.name: r for r in (f.result() for f in head_futures + wrap_futures)
+               if isinstance(r, runner.MethodResult)}
     results = [by_name[s.name] for s in cfg.methods]
     metrics = evaluate_task(cfg, store, results)
     report_task(cfg, metrics)

@@ -186,6 +186,38 @@ def calibrate(
     typer.echo(f"written: {os.path.join(out or cfg.output, 'calibration.json')}")
 
 
+@app.command("dlsa-diagnostics")
+@_user_errors
+def dlsa_diagnostics(
+    stores: list[str] = typer.Argument(..., help="One or more complete feature stores (one per backbone to compare)."),
+    out: str = typer.Option(..., "--out", help="Directory for dlsa_diagnostics.json, plots and the cascade cache."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="A DLSA parameter, KEY=VALUE (repeatable), e.g. num_clusters=50."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Head-tail separability of the features in each store (DLSA flow filters only, no classifier)."""
+    import yaml
+
+    from pipeline import runner
+
+    params = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
+        params[key.strip()] = yaml.safe_load(value)
+    res = runner.run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
+    typer.echo(f"{'store':<40}{'filter':>7}{'tail in':>9}{'separation':>12}{'entropy':>9}{'purity':>8}")
+    for url, diag in res["stores"].items():
+        for f in diag["filters"]:
+            def pct(v):
+                return "n/a" if v is None else f"{100 * v:.1f}"
+            ratio = f["cluster_size_entropy_ratio"]
+            typer.echo(f"{url[-40:]:<40}{f['filter']:>7}{pct(f['tail_share_in']):>9}{pct(f['separation_accuracy']):>12}"
+                       f"{'n/a' if ratio is None else f'{ratio:.3f}':>9}{f['mean_purity']:>8.3f}")
+    typer.echo(f"written: {os.path.join(out, 'dlsa_diagnostics.json')}")
+
+
 @app.command()
 @_user_errors
 def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:

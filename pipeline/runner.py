@@ -23,6 +23,7 @@ from pipeline.keys import extract_code_version, method_code_version, stable_hash
 from stages.base import Method, SUFFIX_WRAPPERS, make_method
 from stages.datasets import load_dataset
 from stages.calibrate import logit_prior
+from stages.dlsa import DLSA, FlowCascade, diagnostics
 from stages.errors import LongtailError
 from stages import extract as ex
 from stages.label_shift import shifted_evaluation
@@ -205,16 +206,16 @@ def split_wrappers(name: str) -> tuple[str, list[str]]:
 
 
 def _resolved_params(cfg: RunConfig, spec: MethodSpec, method: Method) -> dict:
-    """Config params plus the run's seed and device for every method that takes them."""
-    params = dict(spec.params)
-    inner = method
-    while getattr(inner, "base", None) is not None:
-        inner = inner.base
-    names = type(inner)._param_names()
-    if "seed" in names and "seed" not in params:
-        params["seed"] = cfg.seed
-    if "device" in names and "device" not in params:
-        params["device"] = cfg.device
+    """Config params plus the run's seed and device for every method (and wrapper) that takes them."""
+    params = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.params.items()}
+    m = method
+    while m is not None:
+        own = params if getattr(m, "base", None) is None else params.setdefault(type(m).name, {})
+        names = type(m)._param_names()
+        for key, value in (("seed", cfg.seed), ("device", cfg.device)):
+            if key in names and key not in own:
+                own[key] = value
+        m = getattr(m, "base", None)
     return params
 
 
@@ -224,9 +225,13 @@ def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
     return make_method(spec.name, params), params
 
 
+def _without_device(params: dict) -> dict:
+    """Parameters that decide a result: the device does not (a GPU fit is the same artifact)."""
+    return {k: _without_device(v) if isinstance(v, dict) else v for k, v in params.items() if k != "device"}
+
+
 def method_key(store_fingerprint: str, spec_name: str, params: dict, method: Method) -> str:
-    key_params = {k: v for k, v in params.items() if k != "device"}
-    return stable_hash("method", store_fingerprint, spec_name, key_params, method_code_version(method))
+    return stable_hash("method", store_fingerprint, spec_name, _without_device(params), method_code_version(method))
 
 
 @dataclass
@@ -281,6 +286,15 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
         base_res = run_method(cfg, MethodSpec(name=base_name, params=base_params), store, force=False)
         _attach_fitted_base(method, load_method(cfg, base_res.key))
         t0 = time.perf_counter() - base_res.fit_seconds  # the wrapper's cost includes its base's fit
+    elif isinstance(method, DLSA):
+        # the head and the flow cascade are artifacts of their own, shared by every dlsa+<head>
+        head_spec = MethodSpec(name=spec.name.split("+", 1)[1],
+                               params={k: v for k, v in spec.params.items() if k != "dlsa"})
+        head_res = run_method(cfg, head_spec, store, force=False)
+        method.base = load_method(cfg, head_res.key)
+        cascade_res = run_dlsa_cascade(cfg, spec, store)
+        method.set_cascade(load_cascade(cfg, method, cascade_res.key))
+        t0 = time.perf_counter() - head_res.fit_seconds - cascade_res.fit_seconds
     method.fit(train, val)
     fit_seconds = time.perf_counter() - t0
     files = {"state.safetensors": save_tensors(method.state_dict()),
@@ -292,6 +306,46 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     artifacts.write("method", key, files, meta)
     return MethodResult(spec.name, key, False, fit_seconds, params)
+
+
+def uses_dlsa(name: str) -> bool:
+    return "dlsa" in name.split("+")
+
+
+def _cascade_key(store_fingerprint: str, method: DLSA) -> str:
+    return stable_hash("dlsa-cascade", store_fingerprint, _without_device(method.cascade_params()),
+                       method_code_version(method))
+
+
+def run_dlsa_cascade(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
+    """Fit (or reuse) the DLSA flow cascade of a ``dlsa+<head>`` spec: one artifact per store and
+    cascade parameters, whatever the wrapped head (paper 004 reuses one filter for all classifiers)."""
+    method, params = build_method(cfg, spec)
+    dlsa = method if isinstance(method, DLSA) else _find_dlsa(method)
+    key = _cascade_key(store.fingerprint, dlsa)
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    if artifacts.exists("dlsa-cascade", key) and not force:
+        return MethodResult(spec.name, key, True, artifacts.read_meta("dlsa-cascade", key)["fit_seconds"])
+    train = open_store(store.url).read("train")
+    t0 = time.perf_counter()
+    cascade = dlsa.make_cascade().fit(train)
+    seconds = time.perf_counter() - t0
+    artifacts.write("dlsa-cascade", key, {"cascade.safetensors": save_tensors(cascade.state_dict())},
+                    {"params": _without_device(dlsa.cascade_params()), "fit_seconds": seconds,
+                     "store_fingerprint": store.fingerprint})
+    return MethodResult(spec.name, key, False, seconds)
+
+
+def load_cascade(cfg: RunConfig, method: DLSA, key: str) -> FlowCascade:
+    data = ArtifactStore(cfg.artifacts_url).read_file("dlsa-cascade", key, "cascade.safetensors")
+    return method.make_cascade().load_state_dict(load_tensors(data))
+
+
+def _find_dlsa(method: Method) -> DLSA | None:
+    m = method
+    while m is not None and not isinstance(m, DLSA):
+        m = getattr(m, "base", None)
+    return m
 
 
 def _attach_fitted_base(method: Method, fitted: Method) -> None:
@@ -378,6 +432,13 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
                 val_logits=val_logits, val_labels=val_labels, ratios=e.shift_ratios, seed=cfg.seed)
     if label_shift:
         metrics["label_shift"] = label_shift
+    dlsa_diag = {}
+    for r in results:
+        wrapper = _find_dlsa(load_method(cfg, r.key)) if uses_dlsa(r.name) else None
+        if wrapper is not None:
+            dlsa_diag[r.name] = wrapper.diagnostics(fs.read("train"))
+    if dlsa_diag:
+        metrics["dlsa"] = dlsa_diag
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
                             "few_threshold": e.few_threshold}
     metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
@@ -430,6 +491,10 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
         rp.plot_confusion(ev.confusion(pred, labels, C), names, name, os.path.join(plots_dir, f"confusion-{safe}.png"))
         plots[f"Reliability diagram: {name}"] = f"plots/reliability-{safe}.png"
         plots[f"Confusion matrix: {name}"] = f"plots/confusion-{safe}.png"
+    for name, diag in (metrics.get("dlsa") or {}).items():
+        safe = name.replace("+", "_")
+        rp.plot_dlsa(diag, name, os.path.join(plots_dir, f"dlsa-{safe}.png"))
+        plots[f"DLSA filters: {name}"] = f"plots/dlsa-{safe}.png"
     rule = metrics.get("shot_rule", {})
     rp.plot_per_class_accuracy(per_class, counts, names, os.path.join(plots_dir, "per-class-accuracy.png"),
                                many_threshold=rule.get("many_threshold", 100),
@@ -456,6 +521,28 @@ def report_sections(metrics: dict) -> list[dict]:
                   "n/a" if m.get("classwise_ece") is None else f"{m['classwise_ece']:.4f}",
                   f"{m['brier']:.4f}", f"{m['nll']:.4f}"] for n, m in methods.items()],
     }]
+    dlsa = metrics.get("dlsa") or {}
+    if dlsa:
+        rows = []
+        for name, diag in dlsa.items():
+            for f in diag["filters"]:
+                rows.append([f"{name}: filter {f['filter']}", str(f["samples_in"]), str(f["samples_out"]),
+                             _pct(f["tail_share_in"]), _pct(f["separation_accuracy"]),
+                             "n/a" if f["cluster_size_entropy_ratio"] is None else f"{f['cluster_size_entropy_ratio']:.3f}",
+                             f"{f['mean_purity']:.3f}", str(f["empty_clusters"])])
+        first = next(iter(dlsa.values()))
+        sections.append({
+            "title": "DLSA flow filters",
+            "text": f"Per filter on the train split (paper 004): separation accuracy is the share of tail-class "
+                    f"samples (at most {first['tail_threshold']} train samples) among those the filter sends to "
+                    "its cluster-aided classifier; it beats the tail share of the samples reaching the filter "
+                    "when the filter enriches tail samples. Entropy ratio: cluster-size entropy over log K "
+                    f"(1 = balanced clusters), K = {first['num_clusters']}. Purity: mean share of a cluster's "
+                    "largest class.",
+            "columns": ["Filter", "In", "Out", "Tail share in (%)", "Separation (%)", "Entropy ratio",
+                        "Purity", "Empty clusters"],
+            "rows": rows,
+        })
     shift = metrics.get("label_shift")
     if not shift:
         return sections
@@ -623,4 +710,45 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
             out["estimated_prior"] = est.tolist()
     os.makedirs(out_dir, exist_ok=True)
     _write_atomic(os.path.join(out_dir, "calibration.json"), json.dumps(_json_clean(out), indent=2).encode())
+    return out
+
+
+# ---------------------------------------------------------------------------- DLSA feature evaluation
+def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = None, seed: int = 0,
+                         device: str = "auto") -> dict:
+    """Head-tail separability of each store's features (paper 004's "feature evaluation"): fit (or
+    reuse) one DLSA flow cascade per store with the same parameters and write
+    ``OUT/dlsa_diagnostics.json`` = ``{"params": {...}, "stores": {URL: diagnostics}}`` and one
+    plot per store, so that backbones can be compared on equal terms."""
+    from stages import report as rp
+    from pipeline.config import parse_config
+
+    if not stores:
+        raise LongtailError("dlsa-diagnostics: name at least one store")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise LongtailError(f"--out {out_dir!r} exists and is not a directory")
+    params = dict(params or {})
+    cfgs = [parse_config({"store": url, "output": out_dir, "seed": seed, "device": device,
+                          "artifacts": os.path.join(out_dir, "cache"),
+                          "methods": [{"name": "dlsa+ce", "params": {"dlsa": params}}]}, source="dlsa-diagnostics")
+            for url in stores]
+    infos = []
+    for cfg in cfgs:  # every check before any fit
+        info = existing_store(cfg)
+        validate_methods(cfg, open_store(info.url).num_classes)
+        infos.append(info)
+    out: dict[str, Any] = {"params": None, "stores": {}}
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    for i, (cfg, info) in enumerate(zip(cfgs, infos)):
+        spec = cfg.methods[0]
+        method, resolved = build_method(cfg, spec)
+        res = run_dlsa_cascade(cfg, spec, info)
+        cascade = load_cascade(cfg, method, res.key)
+        diag = diagnostics(cascade, open_store(info.url).read("train"), method.tail_threshold)
+        diag["fit_seconds"] = res.fit_seconds
+        out["params"] = _without_device(resolved["dlsa"])
+        out["stores"][info.url] = diag
+        rp.plot_dlsa(diag, f"store {i + 1}: {os.path.basename(info.url.rstrip('/'))}",
+                     os.path.join(out_dir, "plots", f"dlsa-store{i + 1}.png"))
+    _write_atomic(os.path.join(out_dir, "dlsa_diagnostics.json"), json.dumps(_json_clean(out), indent=2).encode())
     return out

@@ -55,6 +55,7 @@ from stages.evaluate import METRIC_KEYS, _ece_from_bins, reliability_bins, shot_
 
 __all__ = [
     "REPORT_COLUMNS",
+    "plot_dlsa",
     "plot_per_class_accuracy",
     "plot_reliability",
     "plot_confusion",
@@ -349,6 +350,38 @@ def plot_confusion(
 
 
 # ---------------------------------------------------------------------------------- report
+def plot_dlsa(diag: Mapping[str, Any], method_name: str, path: str | os.PathLike) -> Path:
+    """DLSA filter diagnostics (``stages.dlsa.diagnostics``): cluster sizes per filter (sorted,
+    largest first) and, per filter, separation accuracy against the tail share it receives."""
+    fig = _new_figure(10.5, 4.0)
+    ax_sizes, ax_sep = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    filters = diag["filters"]
+    for f in filters:
+        sizes = np.sort(np.asarray(f["cluster_sizes"], dtype=float))[::-1]
+        ratio = f["cluster_size_entropy_ratio"]
+        label = f"filter {f['filter']} (entropy ratio {ratio:.2f})" if ratio is not None else f"filter {f['filter']}"
+        ax_sizes.plot(np.arange(1, sizes.size + 1), np.maximum(sizes, 0.5), label=label)
+    ax_sizes.set_yscale("log")
+    ax_sizes.set_xlabel("cluster rank (largest first)")
+    ax_sizes.set_ylabel("train samples in cluster (0 drawn at 0.5)")
+    ax_sizes.set_title(f"Cluster sizes, K = {diag['num_clusters']}")
+    ax_sizes.grid(alpha=0.3)
+    ax_sizes.legend(fontsize=8)
+    x = np.arange(len(filters))
+    tail_in = [100 * (f["tail_share_in"] or 0.0) for f in filters]
+    sep = [100 * (f["separation_accuracy"] or 0.0) for f in filters]
+    ax_sep.bar(x - 0.2, tail_in, width=0.4, color="#bbbbbb", label="tail share reaching the filter")
+    ax_sep.bar(x + 0.2, sep, width=0.4, color="#3b6ea8", label="tail share sent out (separation)")
+    ax_sep.set_xticks(x, [f"filter {f['filter']}" for f in filters])
+    ax_sep.set_ylabel("% of samples from tail classes")
+    ax_sep.set_title(f"Head-tail separation (tail: <= {diag['tail_threshold']} train samples)")
+    ax_sep.legend(fontsize=8)
+    ax_sep.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"DLSA flow filters: {method_name}")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def _number(value: Any, where: str) -> float:
     """A metric as float; None (JSON null) and NaN both mean "not available" (NaN)."""
     if value is None:
