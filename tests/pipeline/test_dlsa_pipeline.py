@@ -1,0 +1,54 @@
+"""DLSA in the pipeline: one cascade for every wrapped head, diagnostics, the diagnostics command."""
+
+import json
+
+import pytest
+
+from pipeline import runner
+from pipeline.config import parse_config
+from tests.pipeline.conftest import assert_user_error, invoke
+
+DLSA = {"num_filters": 2, "num_clusters": 4, "flow_epochs": 2, "flow_hidden": 16, "tail_threshold": 10}
+
+
+def test_one_cascade_serves_every_head(imported_run, tmp_path, monkeypatch):
+    from stages import dlsa
+
+    fits = []
+    real_fit = dlsa.FlowCascade.fit
+
+    def counting_fit(self, train):
+        fits.append(1)
+        return real_fit(self, train)
+
+    monkeypatch.setattr(dlsa.FlowCascade, "fit", counting_fit)
+    cfg = parse_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o"),
+                        "methods": [{"name": f"dlsa+{h}", "params": {"epochs": 5, "dlsa": DLSA}}
+                                    for h in ("ce", "balanced-softmax")]})
+    metrics = runner.run_all(cfg)
+    assert len(fits) == 1
+    diag = metrics["dlsa"]["dlsa+ce"]
+    assert diag == metrics["dlsa"]["dlsa+balanced-softmax"]
+    assert [f["samples_in"] for f in diag["filters"]][0] == 99
+    assert (tmp_path / "o" / "plots" / "dlsa-dlsa_ce.png").is_file()
+    assert "## DLSA flow filters" in (tmp_path / "o" / "report.md").read_text()
+    # the wrapped head is the cached plain head: a run of `ce` alone fits nothing new
+    spy = []
+    monkeypatch.setattr(dlsa.FlowCascade, "fit", lambda *a: spy.append(1))
+    runner.run_all(parse_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o"),
+                                 "methods": [{"name": "dlsa+ce", "params": {"epochs": 5, "dlsa": DLSA}}]}))
+    assert spy == []
+
+
+def test_dlsa_diagnostics_command(imported_run, tmp_path):
+    out = tmp_path / "diag"
+    args = [f"--set={k}={v}" for k, v in DLSA.items()]
+    r = invoke("dlsa-diagnostics", imported_run["store"], "--out", out, *args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "dlsa_diagnostics.json").read_text())
+    (diag,) = res["stores"].values()
+    assert len(diag["filters"]) == 2 and res["params"]["num_clusters"] == 4
+    assert (out / "plots" / "dlsa-store1.png").is_file()
+    assert_user_error(invoke("dlsa-diagnostics", imported_run["store"], "--out", out, "--set", "filter_fraction=1.5"),
+                      "filter_fraction")
+    assert_user_error(invoke("dlsa-diagnostics", imported_run["store"], "--out", out, "--set", "nokey"), "KEY=VALUE")
