@@ -169,7 +169,7 @@ def dump_config(config: RunConfig) -> str:
 
 DEMO_METHODS: list[Union[str, dict]] = [
     "ce", "balanced-softmax", "logit-adjust", "cb-ce", "crt", "tau-norm", "lws", "cosine",
-    "focal", "ldam-drw", "lade", "ce+pc", "ce+ts",
+    "focal", "ldam-drw", "lade", "ce+pc", "ce+ts", "dlsa+balanced-softmax",
 ]
 
 

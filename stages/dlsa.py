@@ -914,6 +914,13 @@ class DLSA(Wrapper):
         self._check_fitted()
         return diagnostics(self.cascade_, train, self.tail_threshold)
 
+    def logit_prior(self) -> np.ndarray:
+        """The prior the logits carry (for ``+pc``): the head's, since every cluster-aided
+        classifier is trained with the head's loss and the global train counts."""
+        from stages.calibrate import logit_prior
+
+        return logit_prior(self.base)
+
     # ------------------------------------------------------------------ fit
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "DLSA":
         """Validate the parameters (before minutes of fitting), fit the head unless it is fitted,

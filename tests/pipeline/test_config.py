@@ -52,7 +52,7 @@ def test_missing_key_and_bad_files(tmp_path):
 def test_demo_config_runs_every_head_and_ce_pc():
     names = [m.name for m in demo_config("runs/x").methods]
     for expected in ["ce", "balanced-softmax", "logit-adjust", "cb-ce", "crt", "tau-norm", "lws",
-                     "cosine", "focal", "ldam-drw", "ce+pc"]:
+                     "cosine", "focal", "ldam-drw", "lade", "ce+pc", "ce+ts", "dlsa+balanced-softmax"]:
         assert expected in names
 
 
