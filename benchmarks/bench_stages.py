@@ -29,8 +29,14 @@ Every timed stage runs in a fresh process (multiprocessing, spawn context) whose
 ``ru_maxrss`` is reported as its peak memory; that is the peak RSS of the whole process, Python,
 torch and longtail included, so the script also reports the peak RSS of an idle child that only
 imports torch. Times use ``time.perf_counter`` (with ``torch.cuda.synchronize`` on CUDA), a
-warm-up where it matters and the median of ``--repeats`` runs for the short stages; the
-large-set head epochs run once. Nothing here asserts a time.
+warm-up where it matters and the median of at least ``--repeats`` runs for the short stages; the
+large-set head epochs run once. On the small set a head and its baseline alternate in one
+process.
+
+Shared machines: before each stage the script waits (``--quiet-wait``) until other processes leave
+the CPU, throws away timed runs during which they used more than a quarter of a core (measured
+from ``/proc/stat``) and marks with a dagger what it could only measure under contention. Nothing
+here asserts a time.
 """
 
 from __future__ import annotations
@@ -117,7 +123,13 @@ CONTENDED_CORES = 0.25
 MIN_BLOCK_S = 0.25
 MAX_BLOCK_RUNS = 50
 #: short stages stop throwing contended blocks away after this many seconds of timed runs
-RETRY_BUDGET_S = 60.0
+RETRY_BUDGET_S = 30.0
+#: before each stage the driver waits (at most ``--quiet-wait`` seconds, and at most this many
+#: seconds in all) until other processes use less than :data:`CONTENDED_CORES` cores
+QUIET_WAIT_TOTAL_S = 600.0
+_QUIET_LEFT = [QUIET_WAIT_TOTAL_S]
+#: seconds per stage the driver may wait for a quiet machine (``--quiet-wait``)
+QUIET_WAIT_S = 60.0
 #: in a child: contended runs thrown away, whether its runs were checked for contention, and
 #: whether contended runs had to be kept (then the stage is marked in the table)
 _QC = {"discarded_runs": 0, "checked": False, "noisy_kept": False}
@@ -215,23 +227,47 @@ def _busy_seconds() -> float | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_for_quiet() -> float:
+    """Wait until other processes use less than :data:`CONTENDED_CORES` cores over one second (at
+    most :data:`QUIET_WAIT_S` seconds, and :data:`QUIET_WAIT_TOTAL_S` over the whole run); return
+    the seconds waited. A contended run of a CPU-bound stage on a small machine takes several times
+    longer than waiting for the other process to finish."""
+    limit = min(QUIET_WAIT_S, _QUIET_LEFT[0])
+    if limit <= 0 or _busy_seconds() is None:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        b0 = _busy_seconds()
+        time.sleep(1.0)
+        if _busy_seconds() - b0 < CONTENDED_CORES or time.perf_counter() - t0 >= limit:
+            break  # this process is idle meanwhile, so all the CPU counted is someone else's
+    waited = time.perf_counter() - t0
+    _QUIET_LEFT[0] -= waited
+    return waited
+
+
 def run_stage(stage: str, **kwargs) -> dict:
     """Run one stage in a fresh spawned process; return its result dict (with ``rss_mib``).
 
-    Also records ``others_cores``: the CPU the rest of the machine used meanwhile (cores, on
-    average), so that a number measured while someone else was computing can be flagged.
+    Waits for a quiet machine first (:func:`wait_for_quiet`). Also records ``others_cores``: the
+    CPU the rest of the machine used meanwhile (cores, on average), so that a number measured
+    while someone else was computing can be flagged.
     """
+    waited = wait_for_quiet()
     busy0 = _busy_seconds()
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         out = pool.submit(_child_main, stage, kwargs, THREADS).result()
     out["wall_s"] = time.perf_counter() - t0
+    out["waited_s"] = waited
     busy1 = _busy_seconds()
     if busy0 is not None and busy1 is not None:
         # wall_s > 0 guards the division; the parent's own CPU (waiting on the child) is negligible
         out["others_cores"] = max(0.0, busy1 - busy0 - out["cpu_s"]) / max(out["wall_s"], 1e-9)
     label = kwargs.get("name") or ""
     others = f", others {out['others_cores']:.2f} cores" if "others_cores" in out else ""
+    if waited >= 1.5:
+        others += f", waited {waited:.0f} s for a quiet machine"
     print(f"  {stage:<22s} {label:<18s} {out['wall_s']:6.1f} s (peak RSS {out['rss_mib']:6.0f} MiB{others})",
           flush=True)
     return out
@@ -925,9 +961,11 @@ def mark(r: dict) -> str:
 def _contended(results: list[dict]) -> str:
     out = ""
     discarded = sum(r.get("discarded_runs", 0) for r in results)
-    if discarded:
-        out += (f" The machine is shared: {discarded} timed run(s) during which other processes used more than "
-                f"{CONTENDED_CORES} cores were thrown away and rerun.")
+    waited = sum(r.get("waited_s", 0.0) for r in results)
+    if discarded or waited >= 1.5 * len(results):
+        out += (f" The machine is shared: the script waited {waited / 60:.1f} minutes in all for other processes to "
+                f"leave the CPU before starting stages, and threw away and reran {discarded} timed run(s) during "
+                f"which others used more than {CONTENDED_CORES} cores.")
     if any(is_contended(r) for r in results):
         out += (" †: measured while other processes competed for the CPU (no quiet run within the retry budget, or "
                 "a single long run that was contended): its time is inflated, and so is the ratio of a † head on "
@@ -1094,9 +1132,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1,
                    help=f"epochs of every head on {SYNTH}, reported per epoch (default 1)")
     p.add_argument("--heads", default=None,
-                   help="comma-separated heads to run (default: every registered head plus ce+pc)")
+                   help=f"comma-separated heads to run on both data sets (default: every registered head plus "
+                        f"ce+pc on {DIGITS}, {', '.join(SYNTH_DEFAULT_HEADS)} on {SYNTH})")
     p.add_argument("--repeats", type=int, default=5, help="runs of each short stage; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of cores)")
+    p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
+                   help="seconds to wait before each stage for other processes to leave the CPU "
+                        f"(at most {QUIET_WAIT_TOTAL_S:.0f} s in all; 0: never wait)")
     p.add_argument("--write-readme", action="store_true",
                    help="write the table into README.md between the perf-table markers")
     args = p.parse_args(argv)
@@ -1106,11 +1148,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    global THREADS
+    global THREADS, QUIET_WAIT_S
 
     args = parse_args(argv)
     t_start = time.perf_counter()
     THREADS = args.threads or _cores()
+    QUIET_WAIT_S = max(0.0, args.quiet_wait)
     workdir = tempfile.mkdtemp(prefix="longtail-bench-")
     for var, sub in (("TMPDIR", "tmp"), ("MPLCONFIGDIR", "mpl"), ("PREFECT_HOME", "prefect")):
         path = os.path.join(workdir, sub)
