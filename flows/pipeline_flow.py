@@ -48,9 +48,7 @@ def longtail_flow(config: dict[str, Any]) -> dict:
     cfg = parse_config(config)
     runner.validate_methods(cfg)
     store = extract_task(cfg)
-    dlsa = [s for s in cfg.methods if runner.uses_dlsa(s.name)]
-    heads = [s for s in cfg.methods if not runner.split_wrappers(s.name)[1] and s not in dlsa]
-    wrapped = [s for s in cfg.methods if s not in heads]
+    heads, dlsa, wrapped = runner.method_waves(cfg)
     head_futures = [method_task.submit(cfg, s, store) for s in heads]
     if dlsa:  # the cascades are fitted once, before the dlsa+<head> tasks that share them
         head_futures.append(cascades_task.submit(cfg, dlsa, store))

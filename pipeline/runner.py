@@ -312,6 +312,15 @@ def uses_dlsa(name: str) -> bool:
     return "dlsa" in name.split("+")
 
 
+def method_waves(cfg: RunConfig) -> tuple[list[MethodSpec], list[MethodSpec], list[MethodSpec]]:
+    """The schedule of the method stage: plain heads (independent), the specs whose DLSA cascades
+    must be fitted first (once per distinct set of cascade parameters), and the methods that reuse
+    a cached base or cascade (suffix wrappers and ``dlsa+<head>``), which run after both."""
+    dlsa = [s for s in cfg.methods if uses_dlsa(s.name)]
+    heads = [s for s in cfg.methods if not split_wrappers(s.name)[1] and s not in dlsa]
+    return heads, dlsa, [s for s in cfg.methods if s not in heads]
+
+
 def _cascade_key(store_fingerprint: str, method: DLSA) -> str:
     return stable_hash("dlsa-cascade", store_fingerprint, _without_device(method.cascade_params()),
                        method_code_version(method))
@@ -417,6 +426,8 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
     val = fs.read("val") if "val" in fs.splits else None
     val_labels = val.labels if val is not None else None
     label_shift: dict[str, Any] = {}
+    dlsa_diag: dict[str, Any] = {}
+    train = None
     for r in results:
         logits = method_logits(cfg, r.key, "test")
         m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
@@ -425,18 +436,20 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
         m["classwise_ece"] = ev.classwise_ece(ev.softmax(logits), labels, e.ece_bins)
         metrics["methods"][r.name] = m
         details[f"logits/{r.name}"] = logits
+        if not (e.shift_ratios or uses_dlsa(r.name)):
+            continue
+        method = load_method(cfg, r.key)  # once per method, for its logit prior and DLSA diagnostics
         if e.shift_ratios:
             val_logits = method_logits(cfg, r.key, "val") if val_labels is not None else None
             label_shift[r.name] = shifted_evaluation(
-                logits, labels, test.class_counts, logit_prior(load_method(cfg, r.key)),
+                logits, labels, test.class_counts, logit_prior(method),
                 val_logits=val_logits, val_labels=val_labels, ratios=e.shift_ratios, seed=cfg.seed)
+        wrapper = _find_dlsa(method)
+        if wrapper is not None:
+            train = train if train is not None else fs.read("train")  # read once for every DLSA method
+            dlsa_diag[r.name] = wrapper.diagnostics(train)
     if label_shift:
         metrics["label_shift"] = label_shift
-    dlsa_diag = {}
-    for r in results:
-        wrapper = _find_dlsa(load_method(cfg, r.key)) if uses_dlsa(r.name) else None
-        if wrapper is not None:
-            dlsa_diag[r.name] = wrapper.diagnostics(fs.read("train"))
     if dlsa_diag:
         metrics["dlsa"] = dlsa_diag
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
