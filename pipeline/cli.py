@@ -73,14 +73,17 @@ def _run(cfg, use_prefect: bool) -> dict:
     return longtail_flow(cfg.model_dump(mode="json"))
 
 
+def _pct(v, digits: int = 2) -> str:
+    """A fraction as a percentage; n/a for a missing (null or NaN) value."""
+    return "n/a" if v is None or v != v else f"{100 * v:.{digits}f}"
+
+
 def _summary(metrics: dict, out: str) -> None:
     rows = metrics["methods"]
     typer.echo(f"{'method':<22}{'overall':>9}{'balanced':>10}{'many':>8}{'medium':>8}{'few':>8}{'ece':>8}")
     for name, m in rows.items():
-        def pct(v):
-            return "   n/a" if v is None or v != v else f"{100 * v:6.2f}"
-        typer.echo(f"{name:<22}{pct(m['overall']):>9}{pct(m['balanced_accuracy']):>10}"
-                   f"{pct(m['many']):>8}{pct(m['medium']):>8}{pct(m['few']):>8}{m['ece']:>8.4f}")
+        typer.echo(f"{name:<22}{_pct(m['overall']):>9}{_pct(m['balanced_accuracy']):>10}"
+                   f"{_pct(m['many']):>8}{_pct(m['medium']):>8}{_pct(m['few']):>8}{m['ece']:>8.4f}")
     typer.echo(f"report: {os.path.join(out, 'report.md')} (and report.html); metrics: {os.path.join(out, 'metrics.json')}")
 
 
@@ -178,10 +181,8 @@ def calibrate(
     res = runner.run_calibrate(cfg, target, how=method, split=split, out_dir=out)
     typer.echo(f"{'method':<22}{'as is':>9}{'estimated':>11}{'true':>9}")
     for name, m in res["methods"].items():
-        def pct(v):
-            return "n/a" if v is None else f"{100 * v:.2f}"
-        typer.echo(f"{name:<22}{pct(m['accuracy_uncompensated']):>9}{pct(m['accuracy_estimated_prior']):>11}"
-                   f"{pct(m['accuracy_true_prior']):>9}")
+        typer.echo(f"{name:<22}{_pct(m['accuracy_uncompensated']):>9}{_pct(m['accuracy_estimated_prior']):>11}"
+                   f"{_pct(m['accuracy_true_prior']):>9}")
     typer.echo(f"estimated prior ({method}, {res['split']}): " + ", ".join(f"{p:.3f}" for p in res["estimated_prior"]))
     typer.echo(f"written: {os.path.join(out or cfg.output, 'calibration.json')}")
 
@@ -210,10 +211,8 @@ def dlsa_diagnostics(
     typer.echo(f"{'store':<40}{'filter':>7}{'tail in':>9}{'separation':>12}{'entropy':>9}{'purity':>8}")
     for url, diag in res["stores"].items():
         for f in diag["filters"]:
-            def pct(v):
-                return "n/a" if v is None else f"{100 * v:.1f}"
             ratio = f["cluster_size_entropy_ratio"]
-            typer.echo(f"{url[-40:]:<40}{f['filter']:>7}{pct(f['tail_share_in']):>9}{pct(f['separation_accuracy']):>12}"
+            typer.echo(f"{url[-40:]:<40}{f['filter']:>7}{_pct(f['tail_share_in'], 1):>9}{_pct(f['separation_accuracy'], 1):>12}"
                        f"{'n/a' if ratio is None else f'{ratio:.3f}':>9}{f['mean_purity']:>8.3f}")
     typer.echo(f"written: {os.path.join(out, 'dlsa_diagnostics.json')}")
 
