@@ -2,6 +2,9 @@
 
 Thin by design: every task calls one function of :mod:`pipeline.runner`. Caching is the
 pipeline's own (content keys in the artifact store), so Prefect's result cache is off.
+``longtail_flow`` (what ``longtail run`` and deployments start) reads the config and runs the
+stages as a subflow on the task runner the config names (threads, Dask or Ray, see
+:mod:`flows.runners`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline import runner
+from flows.runners import make_task_runner
+from pipeline import runner, tables
 from pipeline.config import MethodSpec, RunConfig, parse_config
 
 
@@ -32,6 +35,12 @@ def cascades_task(cfg: RunConfig, specs: list[MethodSpec], store: runner.StoreIn
     return [runner.run_dlsa_cascade(cfg, s, store).key for s in specs]
 
 
+@task(name="neighbour-tables", cache_policy=NO_CACHE)
+def tables_task(cfg: RunConfig, specs: list[MethodSpec], store: runner.StoreInfo) -> list[str]:
+    """One neighbour table per distinct set of table parameters, built once for every method using it."""
+    return [tables.run_neighbour_table(cfg, s, store).key for s in specs]
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: RunConfig, store: runner.StoreInfo, results: list[runner.MethodResult]) -> dict:
     return runner.run_evaluate(cfg, store, results)
@@ -39,17 +48,18 @@ def evaluate_task(cfg: RunConfig, store: runner.StoreInfo, results: list[runner.
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: RunConfig, metrics: dict) -> tuple[str, str]:
-    return runner.render_report(cfg.output, cfg.evaluation.ece_bins)
+    return runner.render_report(cfg.output, cfg.evaluation.ece_bins, force=False)
 
 
-@flow(name="longtail", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
-def longtail_flow(config: dict[str, Any]) -> dict:
-    """The full pipeline for one config mapping (the YAML contents)."""
-    cfg = parse_config(config)
-    runner.validate_methods(cfg)
+@flow(name="longtail-stages", validate_parameters=False)
+def stages_flow(cfg: RunConfig) -> dict:
+    """The stage graph of one validated config, on the task runner given by ``with_options``."""
     store = extract_task(cfg)
     heads, dlsa, wrapped = runner.method_waves(cfg)
-    head_futures = [method_task.submit(cfg, s, store) for s in heads]
+    table_specs = tables.table_specs(cfg)  # neighbour tables first, for the methods that use them
+    tables_done = [tables_task.submit(cfg, table_specs, store)] if table_specs else []
+    head_futures = [method_task.submit(cfg, s, store, wait_for=tables_done if tables.uses_table(cfg, s) else [])
+                    for s in heads] + tables_done
     if dlsa:  # the cascades are fitted once, before the dlsa+<head> tasks that share them
         head_futures.append(cascades_task.submit(cfg, dlsa, store))
     # wrappers reuse their base's cached fit (and DLSA its cascade), so they wait for the heads
@@ -60,3 +70,11 @@ def longtail_flow(config: dict[str, Any]) -> dict:
     metrics = evaluate_task(cfg, store, results)
     report_task(cfg, metrics)
     return metrics
+
+
+@flow(name="longtail", validate_parameters=False)
+def longtail_flow(config: dict[str, Any]) -> dict:
+    """The full pipeline for one config mapping (the YAML contents)."""
+    cfg = parse_config(config)
+    runner.validate_methods(cfg)
+    return stages_flow.with_options(task_runner=make_task_runner(cfg.runner))(cfg)

@@ -20,6 +20,8 @@ from stages.errors import LongtailError
 # The local Prefect server must not try to phone home (clusters are often offline); a user's own
 # setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary local server takes ~15 s to start on a small machine; Prefect gives up at 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +70,10 @@ def _run(cfg, use_prefect: bool) -> dict:
     if not use_prefect:
         return runner.run_all(cfg)
     from flows.pipeline_flow import longtail_flow
+    from flows.runners import check_prefect_api, check_runner
+
+    check_runner(cfg.runner)
+    check_prefect_api()
 
     _quiet_user_errors()
     return longtail_flow(cfg.model_dump(mode="json"))
@@ -128,6 +134,67 @@ def stage(
     metrics = runner.run_stage(cfg, name, force=force)
     if metrics is not None:
         _summary(metrics, cfg.output)
+
+
+@app.command()
+@_user_errors
+def status(
+    config: str = typer.Argument(..., help="YAML config file."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"stages": {STAGE: {"state", "reason"}}}.'),
+) -> None:
+    """List each stage of CONFIG as cached, stale (and which input changed) or missing; computes nothing."""
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.status import format_status, stage_status
+
+    cfg = load_config(config)
+    runner.validate_methods(cfg)
+    res = stage_status(cfg)
+    typer.echo(json.dumps(res, indent=2) if as_json else format_status(res))
+
+
+@app.command()
+@_user_errors
+def deploy(
+    config: str = typer.Argument(..., help="YAML config file."),
+    cron: str = typer.Option(..., "--cron", help='Cron schedule of the retraining runs, e.g. "0 3 * * *".'),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default longtail-<config file name>)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Register with this Prefect work pool instead of serving from this process."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) and exit."),
+) -> None:
+    """Schedule the full pipeline for CONFIG as a Prefect deployment (batch retraining on a cron).
+
+    Needs a Prefect server (PREFECT_API_URL). Without --pool this process serves the deployment
+    and runs the scheduled flow runs until it is stopped; with --pool the deployment is registered
+    and `prefect worker start --pool NAME` runs it."""
+    from flows import deploy as dp
+    from flows.runners import check_prefect_api, check_runner
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    dp.check_cron(cron)
+    cfg = load_config(config)
+    runner.preflight(cfg)
+    check_runner(cfg.runner)
+    dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool)
+    schedule = f"cron {cron!r}"
+    if dry_run:
+        typer.echo(f"deployment {dep.name} (flow longtail, entrypoint {dep.entrypoint}), {schedule}")
+        typer.echo(json.dumps(dep.parameters, indent=2))
+        return
+    api = check_prefect_api()
+    if api is None:
+        # the temporary local server Prefect starts on its own runs no scheduler: nothing would ever run
+        raise LongtailError("deploy needs a Prefect server: start one (`prefect server start`) and set "
+                            "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    if pool:
+        dep_id = dp.register(dep, pool)
+        typer.echo(f"deployment longtail/{dep.name} ({dep_id}) registered with work pool {pool!r}, {schedule}; "
+                   f"start a worker: prefect worker start --pool {pool}")
+        return
+    typer.echo(f"serving deployment longtail/{dep.name}, {schedule}, on {api}; Ctrl-C stops it")
+    _quiet_user_errors()
+    dp.serve(dep)
 
 
 @app.command("import-features")
@@ -219,12 +286,73 @@ def dlsa_diagnostics(
 
 @app.command()
 @_user_errors
+def glt(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config with a dataset that has attributes (digits-glt)."),
+    protocols: Optional[str] = typer.Option(None, "--protocols", help="Comma-separated protocols (default clt,alt,glt)."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as Prefect flows (default) or plain Python."),
+) -> None:
+    """Run the pipeline once per generalized long-tail protocol (CLT, ALT, GLT) and compare them."""
+    from pipeline import glt as g
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    res = g.run_protocols(cfg, g.parse_protocols(protocols), run=lambda c: _run(c, prefect))
+    head = "".join(f"{p.upper() + ' acc':>10}{'worst':>8}" for p in res["protocols"])
+    typer.echo(f"{'method':<22}{head}")
+    for name, per in res["methods"].items():
+        typer.echo(f"{name:<22}" + "".join(f"{_pct(per[p]['accuracy']):>10}{_pct(per[p]['worst_group']):>8}"
+                                           for p in res["protocols"]))
+    typer.echo(f"report: {res['report']['md']} (and glt.html); summary: {os.path.join(cfg.output, 'glt.json')}")
+
+
+@app.command()
+@_user_errors
 def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:
     """Re-render report.md, report.html and the plots of a finished run."""
     from pipeline import runner
 
     md, html = runner.render_report(out_dir)
     typer.echo(f"report: {md} and {html}")
+
+
+@app.command()
+@_user_errors
+def doctor(
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: the device to check."),
+    quick: bool = typer.Option(False, "--quick", help="Versions and imports only (the containers' health check)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Report torch, CUDA, faiss and the selected device, and run a tiny end-to-end job on it.
+
+    Exit status 1 when a step fails, 2 when the device cannot be had on this machine."""
+    from pipeline.doctor import run_doctor
+
+    res = run_doctor(device, quick=quick)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        env = res["environment"]
+        cuda, faiss = env["cuda"], env["faiss"]
+        gpus = "; ".join(f"cuda:{d['index']} {d['name']} (capability {d['capability']}, {d['memory_gib']} GiB)"
+                         for d in cuda["devices"]) or "none"
+        rows = [("python", f"{env['python']} ({env['platform']})"),
+                ("torch", f"{env['torch']} (built for CUDA {cuda['built_for'] or 'none: CPU build'}, "
+                          f"{env['torch_threads']} threads)"),
+                ("cuda", f"available, {len(cuda['devices'])} device(s): {gpus}" if cuda["available"] else "not available"),
+                ("faiss", f"{faiss['version'] or 'not installed'} ({faiss['gpus']} GPU(s))"),
+                ("numpy / zarr", f"{env['numpy']} / {env['zarr']}"),
+                ("prefect", f"{env['prefect']} (PREFECT_API_URL={env['env']['PREFECT_API_URL'] or 'unset'})"),
+                ("device", f"{env['device']} (--device {device}; CUDA_VISIBLE_DEVICES="
+                           f"{env['env']['CUDA_VISIBLE_DEVICES'] if env['env']['CUDA_VISIBLE_DEVICES'] is not None else 'unset'})")]
+        for key, value in rows:
+            typer.echo(f"{key:<14}{value}")
+        for s in res["steps"]:
+            typer.echo(f"{s['status'].upper():<8}{s['name']:<9}{s['seconds']:>7.2f} s  {s['detail']}")
+        bad = [s["name"] for s in res["steps"] if s["status"] != "pass"]
+        typer.echo(f"doctor: {'all ' + str(len(res['steps'])) + ' step(s) passed' if not bad else 'FAILED: ' + ', '.join(bad)}"
+                   f" on {env['device']}")
+    if not res["ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -10,7 +10,10 @@ The config contract (other tools write it)::
 
 Optional keys: ``seed`` (feeds every generator), ``device`` (auto | cpu | cuda[:N]),
 ``artifacts`` (URL of the artifact cache, default ``OUTPUT/cache``), ``evaluation``
-(many/few thresholds, shot-group rule, ECE bins), ``extraction`` (batch size, chunk rows).
+(many/few thresholds, shot-group rule, ECE bins, group metrics), ``extraction`` (batch size, chunk rows),
+``runner`` (the Prefect task runner: threads | dask | ray, workers, address),
+``storage_options`` (fsspec options of a remote store and artifact cache), ``lock_timeout``
+(seconds a second writer of the same store waits for the first).
 An unknown key anywhere is an error that names the key.
 """
 
@@ -30,10 +33,28 @@ class _Strict(BaseModel):
 
 
 class DatasetConfig(_Strict):
+    """The built-in dataset and its parameters; a parameter left out (None) takes the dataset's
+    default, and only the parameters given are passed to it (digits-lt's per class counts,
+    digits-glt's per group counts and protocol)."""
+
     name: str = "digits-lt"
     imbalance_ratio: float = Field(20.0, ge=1.0)
-    test_per_class: int = Field(50, ge=1)
-    val_per_class: int = Field(20, ge=1)
+    test_per_class: int | None = Field(None, ge=1)
+    val_per_class: int | None = Field(None, ge=1)
+    # digits-glt (generalized long tail): protocol clt | alt | glt and the attribute profile
+    protocol: Literal["clt", "alt", "glt"] | None = None
+    attribute_ratio: float | None = Field(None, ge=1.0)
+    num_attributes: int | None = Field(None, ge=2)
+    test_per_group: int | None = Field(None, ge=1)
+    val_per_group: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_lt_defaults(cls, v: Any) -> Any:
+        """digits-lt's per class counts are spelled out (50 test, 20 val), as they always were."""
+        if isinstance(v, dict) and v.get("name", "digits-lt") == "digits-lt":
+            return {"test_per_class": 50, "val_per_class": 20} | v
+        return v
 
 
 class BackboneConfig(_Strict):
@@ -70,6 +91,9 @@ class EvaluationConfig(_Strict):
     few_threshold: int = Field(20, ge=0)
     split_rule: Literal["auto", "absolute", "quantile"] = "auto"
     ece_bins: int = Field(20, ge=1)
+    #: (class, attribute) group metrics: None = whenever the test split has attributes; true =
+    #: required (an error when it has none); false = off
+    groups: bool | None = None
     #: imbalance ratios of the shifted test sets (paper 002 Sec. 4.3); an empty list turns them off
     shift_ratios: list[float] = Field(default_factory=lambda: [50, 25, 10, 5, 2, 1])
 
@@ -81,6 +105,25 @@ class EvaluationConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("shift ratios must not repeat")
         return v
+
+
+class RunnerConfig(_Strict):
+    """How independent stage-2 tasks run (issue 5): a Prefect task runner.
+
+    ``threads`` (default) runs them in this process; ``dask`` on a local Dask cluster of
+    ``workers`` processes, or on the scheduler at ``address`` (``tcp://host:8786``); ``ray`` on a
+    local Ray instance or the cluster at ``address`` (``ray://host:10001``; needs the ``ray`` extra).
+    """
+
+    kind: Literal["threads", "dask", "ray"] = "threads"
+    workers: int = Field(4, ge=1)
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _address(self) -> "RunnerConfig":
+        if self.address is not None and self.kind == "threads":
+            raise ValueError("address is only for the dask and ray runners")
+        return self
 
 
 class MethodSpec(_Strict):
@@ -103,6 +146,20 @@ class RunConfig(_Strict):
     device: str = "auto"
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    #: fsspec options for ``store`` and ``artifacts`` (``endpoint_url``, ``profile``, ...);
+    #: credentials belong in the environment, not here (configs travel as flow parameters)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    #: seconds a second writer of the same store (or remote artifact) waits for the first
+    lock_timeout: float = Field(600.0, ge=0)
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"{v!r}: the run directory must be a local path (the report and plots are "
+                             "written to local files); remote URLs are for store and artifacts")
+        return v
 
     @field_validator("dataset", mode="before")
     @classmethod

@@ -67,9 +67,27 @@ def method_code_version(method: Any) -> str:
             f = _module_file(cls)
             if f is not None and f.is_relative_to(_STAGES_DIR):
                 files.add(f)
+        if callable(getattr(m, "table_params", None)):  # fitted on a neighbour table
+            files.add(_STAGES_DIR / "neighbours.py")
         m = getattr(m, "base", None)
     return files_version(files)
 
 
 def extract_code_version() -> str:
     return files_version([_STAGES_DIR / "extract.py", _STAGES_DIR / "datasets.py"])
+
+
+def table_code_version() -> str:
+    """Source hash of the neighbour-table code (a table does not depend on the method that uses it)."""
+    return files_version([_STAGES_DIR / "neighbours.py"])
+
+
+def evaluate_code_version() -> str:
+    """Source hash of the evaluation: metrics, label-shift protocol, prior estimators, the runner."""
+    names = ("evaluate.py", "label_shift.py", "priors.py", "shift.py", "calibrate.py")
+    return files_version([_STAGES_DIR / n for n in names] + [Path(__file__).with_name("runner.py")])
+
+
+def report_code_version() -> str:
+    """Source hash of the report: plots and page (stages/report.py) and its tables (the runner)."""
+    return files_version([_STAGES_DIR / "report.py", Path(__file__).with_name("runner.py")])

@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import glt
 from pipeline.config import MethodSpec, RunConfig
-from pipeline.keys import extract_code_version, method_code_version, stable_hash
-from stages.base import Method, SUFFIX_WRAPPERS, make_method
+from pipeline.keys import (evaluate_code_version, extract_code_version, method_code_version,
+                           report_code_version, stable_hash)
+from stages.base import Method, SUFFIX_WRAPPERS, make_method, needs_full_split
+from stages.data import FeatureSet
 from stages.datasets import load_dataset
 from stages.calibrate import logit_prior
 from stages.dlsa import DLSA, FlowCascade, diagnostics
@@ -28,7 +31,7 @@ from stages.errors import LongtailError
 from stages import extract as ex
 from stages.label_shift import shifted_evaluation
 from storage.artifacts import ArtifactStore, load_tensors, save_tensors
-from storage.featurestore import FeatureStoreWriter, open_store, store_status
+from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
 
 log = logging.getLogger("longtail")
 
@@ -45,9 +48,15 @@ def backbone_spec(cfg: RunConfig) -> dict:
     return {"kind": "python", "target": b.target, "kwargs": b.kwargs, "classifier": b.classifier}
 
 
+def extract_inputs(cfg: RunConfig, dataset_fingerprint: str, weights_hash: str | None) -> dict:
+    """What the features depend on; recorded in the store so `longtail status` can say what changed."""
+    return {"dataset_fingerprint": dataset_fingerprint, "backbone": backbone_spec(cfg),
+            "weights_hash": weights_hash, "code_version": extract_code_version()}
+
+
 def extract_key(cfg: RunConfig, dataset_fingerprint: str, weights_hash: str | None) -> str:
-    return stable_hash("extract", dataset_fingerprint, backbone_spec(cfg), weights_hash,
-                       extract_code_version())
+    i = extract_inputs(cfg, dataset_fingerprint, weights_hash)
+    return stable_hash("extract", i["dataset_fingerprint"], i["backbone"], i["weights_hash"], i["code_version"])
 
 
 @dataclass
@@ -61,7 +70,7 @@ class StoreInfo:
 def _dataset(cfg: RunConfig):
     d = cfg.dataset
     assert d is not None
-    return load_dataset(d.name, seed=cfg.seed, **d.model_dump(exclude={"name"}))
+    return load_dataset(d.name, seed=cfg.seed, **d.model_dump(exclude={"name"}, exclude_none=True))
 
 
 def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex.Backbone:
@@ -84,21 +93,31 @@ def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex
     return bb
 
 
+def _planned_weights(cfg: RunConfig) -> str | None:
+    """The user backbone's weights hash (loads it, so an unreadable file fails here); None for the
+    builtin CNN, whose weights are determined by its spec and the seed."""
+    b = cfg.backbone
+    if b.kind == "torchscript":
+        return ex.load_torchscript(b.path, b.method).weights_hash
+    if b.kind == "python":
+        return ex.load_python(b.target, b.kwargs, b.classifier).weights_hash
+    return None
+
+
+def artifact_store(cfg: RunConfig) -> ArtifactStore:
+    """The config's artifact cache, with its storage options and lock timeout."""
+    return ArtifactStore(cfg.artifacts_url, storage_options=cfg.storage_options, lock_timeout=cfg.lock_timeout)
+
+
 def _planned_key(cfg: RunConfig):
     """The dataset and the extraction key the config asks for (checks the backbone file)."""
     ds = _dataset(cfg)
-    b = cfg.backbone
-    weights = None  # the builtin CNN's weights are determined by its spec and the seed
-    if b.kind == "torchscript":
-        weights = ex.load_torchscript(b.path, b.method).weights_hash
-    elif b.kind == "python":
-        weights = ex.load_python(b.target, b.kwargs, b.classifier).weights_hash
-    return ds, extract_key(cfg, ds.fingerprint, weights)
+    return ds, extract_key(cfg, ds.fingerprint, _planned_weights(cfg))
 
 
 def _complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
     """A complete store the config may use: same extraction key, or no dataset in the config."""
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, storage_options=cfg.storage_options)
     if key is None:
         return StoreInfo(cfg.store, store.fingerprint, cached=True)
     made_by = store.attrs.get("extract_key")
@@ -114,7 +133,7 @@ def _complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None)
 
 def existing_store(cfg: RunConfig) -> StoreInfo:
     """The config's store, which must already be complete (for single-stage reruns)."""
-    status = store_status(cfg.store)
+    status = store_status(cfg.store, storage_options=cfg.storage_options)
     if status != "complete":
         raise LongtailError(f"store {cfg.store!r} is {status}: run `longtail stage extract` or `longtail run` first")
     if cfg.dataset is None:
@@ -128,15 +147,17 @@ def preflight(cfg: RunConfig) -> None:
     validate_methods(cfg)
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise LongtailError(f"output {cfg.output!r} exists and is not a directory")
-    status = store_status(cfg.store)
+    status = store_status(cfg.store, storage_options=cfg.storage_options)
     if cfg.dataset is None:
         if status != "complete":
             raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
         _complete_store(cfg, None, None)
-        validate_methods(cfg, open_store(cfg.store).num_classes)
+        validate_methods(cfg, open_store(cfg.store, storage_options=cfg.storage_options).num_classes)
+        glt.use_groups(cfg, open_store(cfg.store, storage_options=cfg.storage_options).has_attributes("test"), f"store {cfg.store!r}")
         return
     ds, key = _planned_key(cfg)  # also loads a user backbone, so an unreadable file fails here
     validate_methods(cfg, ds.num_classes)
+    glt.use_groups(cfg, ds.splits["test"].attributes is not None, f"dataset {ds.name!r}")
     if status == "complete":
         _complete_store(cfg, key, ds.fingerprint)
 
@@ -147,7 +168,7 @@ def run_extract(cfg: RunConfig) -> StoreInfo:
     A complete store is never overwritten: if it holds other features than the config describes,
     that is an error naming the store. An interrupted store is resumed (or rebuilt by the writer).
     """
-    status = store_status(cfg.store)
+    status = store_status(cfg.store, storage_options=cfg.storage_options)
     if cfg.dataset is None:
         if status != "complete":
             raise LongtailError(
@@ -158,7 +179,7 @@ def run_extract(cfg: RunConfig) -> StoreInfo:
     if status == "complete":
         return _complete_store(cfg, key, ds.fingerprint)
 
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     bb = _load_backbone(cfg, ds, artifacts, key)
     first = ds.splits["train"]
     probe = next(ex.extract_chunks(bb, first.images[:2], batch_size=2, device=cfg.device, desc="probe"))
@@ -172,27 +193,37 @@ def run_extract(cfg: RunConfig) -> StoreInfo:
         feature_dim=int(probe.shape[1]),
         splits={name: len(split) for name, split in ds.splits.items()},
         has_attributes={name: split.attributes is not None for name, split in ds.splits.items()},
-        extra_attrs={"extract_key": key, "dataset": ds.name},
+        extra_attrs={"extract_key": key, "dataset": ds.name,
+                     "extract_inputs": extract_inputs(
+                         cfg, ds.fingerprint, None if cfg.backbone.kind == "builtin" else bb.weights_hash)}
+        | ({"attribute_names": list(ds.attribute_names)} if ds.attribute_names else {}),
+        storage_options=cfg.storage_options,
+        lock_timeout=cfg.lock_timeout,
+        reuse_complete=True,  # another run may have completed it since the status check above
     )
-    bs = cfg.extraction.batch_size
-    for name, split in ds.splits.items():
-        if writer.split_done(name):
-            log.info("extract: split %s already complete, resumed", name)
-            continue
-        writer.begin_split(name)
-        start = 0
-        for chunk in ex.extract_chunks(bb, split.images, batch_size=bs, device=cfg.device,
-                                       desc=f"extract {name}"):
-            stop = start + len(chunk)
-            writer.write_chunk(
-                name, chunk, split.labels[start:stop],
-                attributes=None if split.attributes is None else split.attributes[start:stop],
-                index=split.index[start:stop],
-            )
-            start = stop
-        writer.end_split(name)
-    fingerprint = writer.finish()
-    return StoreInfo(cfg.store, fingerprint, cached=False, extract_key=key)
+    try:  # the writer holds the store's lock: release it whatever happens (the store stays resumable)
+        bs = cfg.extraction.batch_size
+        for name, split in ds.splits.items():
+            if writer.split_done(name):
+                log.info("extract: split %s already complete, resumed", name)
+                continue
+            writer.begin_split(name)
+            start = 0
+            for chunk in ex.extract_chunks(bb, split.images, batch_size=bs, device=cfg.device,
+                                           desc=f"extract {name}"):
+                stop = start + len(chunk)
+                writer.write_chunk(
+                    name, chunk, split.labels[start:stop],
+                    attributes=None if split.attributes is None else split.attributes[start:stop],
+                    index=split.index[start:stop],
+                )
+                start = stop
+            writer.end_split(name)
+        fingerprint = writer.finish()
+    finally:
+        writer.close()
+    # reused: another run completed this very store while this one waited for its lock
+    return StoreInfo(cfg.store, fingerprint, cached=writer.reused, extract_key=key)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -228,6 +259,12 @@ def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
 def _without_device(params: dict) -> dict:
     """Parameters that decide a result: the device does not (a GPU fit is the same artifact)."""
     return {k: _without_device(v) if isinstance(v, dict) else v for k, v in params.items() if k != "device"}
+
+
+def _with_device(params: dict, device: str) -> dict:
+    """``params`` with every ``device`` entry (nested wrapper mappings too) set to ``device``."""
+    return {k: device if k == "device" else _with_device(v, device) if isinstance(v, dict) else v
+            for k, v in params.items()}
 
 
 def method_key(store_fingerprint: str, spec_name: str, params: dict, method: Method) -> str:
@@ -268,17 +305,15 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     A name with suffix wrappers (``ce+pc``) reuses the cached fit of its base (``ce``) and only
     runs the wrapper on top of it.
     """
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     method, params = build_method(cfg, spec)
     key = method_key(store.fingerprint, spec.name, params, method)
     if artifacts.exists("method", key) and not force:
         meta = artifacts.read_meta("method", key)
         return MethodResult(spec.name, key, True, meta["fit_seconds"], params)
 
-    fs = open_store(store.url)
-    train = fs.read("train")
+    fs = open_store(store.url, storage_options=cfg.storage_options)
     val = fs.read("val") if "val" in fs.splits else None
-    test = fs.read("test")
     base_name, suffixes = split_wrappers(spec.name)
     t0 = time.perf_counter()
     if suffixes:
@@ -295,10 +330,17 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
         cascade_res = run_dlsa_cascade(cfg, spec, store)
         method.set_cascade(load_cascade(cfg, method, cascade_res.key))
         t0 = time.perf_counter() - head_res.fit_seconds - cascade_res.fit_seconds
+    else:
+        from pipeline import tables  # (pipeline.tables imports this module)
+        if tables.table_user(method) is not None:  # the neighbour table: an artifact of its own, shared
+            t0 = time.perf_counter() - tables.attach_table(cfg, spec, method, store)
+    t_read = time.perf_counter()
+    train = fit_split(method, fs)  # in full, or the class means for a wrapper of a fitted base
+    t0 += time.perf_counter() - t_read  # reading is not fitting
     method.fit(train, val)
     fit_seconds = time.perf_counter() - t0
     files = {"state.safetensors": save_tensors(method.state_dict()),
-             "logits_test.npy": _npy(method.logits(test.features))}
+             "logits_test.npy": _npy(split_logits(method, fs, "test"))}
     if val is not None:
         files["logits_val.npy"] = _npy(method.logits(val.features))
     meta = {"name": spec.name, "params": params, "fit_seconds": fit_seconds,
@@ -306,6 +348,36 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     artifacts.write("method", key, files, meta)
     return MethodResult(spec.name, key, False, fit_seconds, params)
+
+
+def split_logits(method: Method, fs: FeatureStore, split: str, rows: int | None = None) -> np.ndarray:
+    """``method``'s logits ``(N, C)`` float32 on ``split`` of the open store ``fs``, computed chunk by
+    chunk (``rows`` per chunk, default the store's own chunk size): one chunk of features is in
+    memory at a time, whatever the split's size; only the ``(N, C)`` result is whole."""
+    parts = [method.logits(feats) for feats, _, _ in fs.iter_chunks(split, rows)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def fit_split(method: Method, fs: FeatureStore, split: str = "train", rows: int | None = None) -> FeatureSet:
+    """The train split as ``method``'s fit needs it (:func:`stages.base.needs_full_split`): read in
+    full, or, for a method whose fit uses only the split's metadata (a post-hoc wrapper around a
+    fitted base), its class means: one row per class (the mean feature of its samples, float64
+    sums over chunks of ``rows`` rows), labels ``0..C-1`` and the store's train class counts, so
+    the dimension, the classes and the prior are those of the split."""
+    if needs_full_split(method):
+        return fs.read(split)
+    C, D = fs.num_classes, fs.feature_dim
+    sums, seen = np.zeros((C, D)), np.zeros(C, dtype=np.int64)
+    for feats, labels, _ in fs.iter_chunks(split, rows):  # train is always labelled (the store checks)
+        sums += np.eye(C)[labels].T @ feats.astype(np.float64)  # (C, n) one-hot @ (n, D)
+        seen += np.bincount(labels, minlength=C)
+    if (seen == 0).any():
+        names = ", ".join(fs.class_names[i] for i in np.flatnonzero(seen == 0)[:5])
+        raise LongtailError(f"{fs.url}: split {split!r}: class(es) with no train sample: {names}")
+    return FeatureSet(features=(sums / seen[:, None]).astype(np.float32), labels=np.arange(C),  # seen > 0
+                      class_counts=fs.class_counts, class_names=fs.class_names,
+                      name=f"{split} (class means)", source=fs.url,
+                      meta={"store_fingerprint": fs.fingerprint, "split_fingerprint": fs.split_fingerprint(split)})
 
 
 def uses_dlsa(name: str) -> bool:
@@ -332,10 +404,10 @@ def run_dlsa_cascade(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: 
     method, params = build_method(cfg, spec)
     dlsa = method if isinstance(method, DLSA) else _find_dlsa(method)
     key = _cascade_key(store.fingerprint, dlsa)
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     if artifacts.exists("dlsa-cascade", key) and not force:
         return MethodResult(spec.name, key, True, artifacts.read_meta("dlsa-cascade", key)["fit_seconds"])
-    train = open_store(store.url).read("train")
+    train = open_store(store.url, storage_options=cfg.storage_options).read("train")
     t0 = time.perf_counter()
     cascade = dlsa.make_cascade().fit(train)
     seconds = time.perf_counter() - t0
@@ -346,7 +418,7 @@ def run_dlsa_cascade(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: 
 
 
 def load_cascade(cfg: RunConfig, method: DLSA, key: str) -> FlowCascade:
-    data = ArtifactStore(cfg.artifacts_url).read_file("dlsa-cascade", key, "cascade.safetensors")
+    data = artifact_store(cfg).read_file("dlsa-cascade", key, "cascade.safetensors")
     return method.make_cascade().load_state_dict(load_tensors(data))
 
 
@@ -367,15 +439,17 @@ def _attach_fitted_base(method: Method, fitted: Method) -> None:
 
 def load_method(cfg: RunConfig, key: str) -> Method:
     """Rebuild a fitted method from its artifact (safetensors state, never pickle)."""
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     meta = artifacts.read_meta("method", key)
-    method = make_method(meta["name"], meta["params"])
+    # on this run's device: the key leaves the device out, so a fit made on a GPU machine is reused
+    # on a CPU one (and the other way round), and must not ask for the device it was fitted on
+    method = make_method(meta["name"], _with_device(meta["params"], cfg.device))
     method.load_state_dict(load_tensors(artifacts.read_file("method", key, "state.safetensors")))
     return method
 
 
 def method_logits(cfg: RunConfig, key: str, split: str = "test") -> np.ndarray:
-    return _from_npy(ArtifactStore(cfg.artifacts_url).read_file("method", key, f"logits_{split}.npy"))
+    return _from_npy(artifact_store(cfg).read_file("method", key, f"logits_{split}.npy"))
 
 
 # ---------------------------------------------------------------------------- evaluate and report
@@ -406,12 +480,38 @@ def _json_clean(obj: Any) -> Any:
     return obj
 
 
-def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) -> dict:
+def evaluate_inputs(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) -> dict:
+    """What ``metrics.json`` depends on: the features, every method's artifact, the evaluation
+    settings, the seed (shifted subsets) and the evaluation code."""
+    return {"store_fingerprint": store.fingerprint, "artifacts": {r.name: r.key for r in results},
+            "evaluation": cfg.evaluation.model_dump(mode="json"), "seed": cfg.seed,
+            "code_version": evaluate_code_version()}
+
+
+def read_metrics(out_dir: str) -> dict | None:
+    """``OUT/metrics.json`` of an earlier run, or None when absent or unreadable."""
+    try:
+        with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], force: bool = False) -> dict:
     """Evaluate every configured method on the test split; write ``metrics.json`` and the
-    per-class details the report plots from (``evaluation.npz``)."""
+    per-class details the report plots from (``evaluation.npz``).
+
+    Keyed like every stage: when ``metrics.json`` was written from the same inputs (see
+    :func:`evaluate_inputs`), it is returned as it is (NaN metrics read back as None)."""
     from stages import evaluate as ev
 
-    fs = open_store(store.url)
+    inputs = evaluate_inputs(cfg, store, results)
+    key = stable_hash("evaluate", inputs)
+    previous = None if force else read_metrics(cfg.output)
+    if (previous is not None and (previous.get("lineage") or {}).get("evaluate", {}).get("key") == key
+            and os.path.isfile(os.path.join(cfg.output, "evaluation.npz"))):
+        return previous
+    fs = open_store(store.url, storage_options=cfg.storage_options)
     test = fs.read("test")
     labels = test.require_labels()
     e = cfg.evaluation
@@ -428,12 +528,15 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
     label_shift: dict[str, Any] = {}
     dlsa_diag: dict[str, Any] = {}
     train = None
+    groups = glt.use_groups(cfg, test.attributes is not None, f"store {store.url!r}")
     for r in results:
         logits = method_logits(cfg, r.key, "test")
         m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
                         few_threshold=e.few_threshold, split_rule=e.split_rule, ece_bins=e.ece_bins)
         m["fit_seconds"] = float(r.fit_seconds)
         m["classwise_ece"] = ev.classwise_ece(ev.softmax(logits), labels, e.ece_bins)
+        if groups:
+            m |= ev.group_metrics(logits, labels, test.attributes)
         metrics["methods"][r.name] = m
         details[f"logits/{r.name}"] = logits
         if not (e.shift_ratios or uses_dlsa(r.name)):
@@ -452,6 +555,8 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
         metrics["label_shift"] = label_shift
     if dlsa_diag:
         metrics["dlsa"] = dlsa_diag
+    if groups:
+        metrics["groups"] = glt.group_info(test, fs.attrs.get("attribute_names"))
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
                             "few_threshold": e.few_threshold}
     metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
@@ -460,7 +565,8 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
     metrics["class_names"] = list(test.class_names)
     metrics["lineage"] = {"store": store.url, "store_fingerprint": store.fingerprint,
                           "backbone": fs.attrs.get("backbone"), "seed": cfg.seed,
-                          "artifacts": {r.name: r.key for r in results}}
+                          "artifacts": {r.name: r.key for r in results},
+                          "evaluate": {"key": key, "inputs": inputs}}
     os.makedirs(cfg.output, exist_ok=True)
     _write_atomic(os.path.join(cfg.output, "metrics.json"),
                   json.dumps(_json_clean(metrics), indent=2).encode())
@@ -470,9 +576,38 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) 
     return metrics
 
 
-def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
+REPORT_KEY_FILE = ".report-key"
+
+
+def report_key(out_dir: str) -> str | None:
+    """Key of the report that ``OUT/metrics.json`` and ``OUT/evaluation.npz`` would give now."""
+    import hashlib
+
+    digests = []
+    for name in ("metrics.json", "evaluation.npz"):
+        try:
+            with open(os.path.join(out_dir, name), "rb") as f:
+                digests.append(hashlib.blake2b(f.read(), digest_size=16).hexdigest())
+        except OSError:
+            return None
+    return stable_hash("report", digests, report_code_version())
+
+
+def rendered_report_key(out_dir: str) -> str | None:
+    """The key recorded when the report in ``out_dir`` was last rendered (None: never, or gone)."""
+    if not all(os.path.isfile(os.path.join(out_dir, n)) for n in ("report.md", "report.html")):
+        return None
+    try:
+        with open(os.path.join(out_dir, REPORT_KEY_FILE), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def render_report(out_dir: str, ece_bins: int = 20, force: bool = True) -> tuple[str, str]:
     """(Re)render ``report.md``/``report.html`` and the plots from ``OUT/metrics.json`` and
-    ``OUT/evaluation.npz``."""
+    ``OUT/evaluation.npz``. With ``force=False`` (pipeline runs) a report rendered from the same
+    metrics by the same code is kept as it is."""
     from stages import evaluate as ev
     from stages import report as rp
 
@@ -481,6 +616,9 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
     for p in (mpath, dpath):
         if not os.path.isfile(p):
             raise LongtailError(f"{p!r} does not exist: run `longtail run` first")
+    key = report_key(out_dir)
+    if not force and key is not None and rendered_report_key(out_dir) == key:
+        return os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.html")
     try:
         with open(mpath, encoding="utf-8") as f:
             metrics = json.load(f)
@@ -504,6 +642,11 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
         rp.plot_confusion(ev.confusion(pred, labels, C), names, name, os.path.join(plots_dir, f"confusion-{safe}.png"))
         plots[f"Reliability diagram: {name}"] = f"plots/reliability-{safe}.png"
         plots[f"Confusion matrix: {name}"] = f"plots/confusion-{safe}.png"
+        if metrics.get("groups") and "group_accuracy" in metrics["methods"][name]:
+            rp.plot_group_accuracy(metrics["methods"][name]["group_accuracy"], names,
+                                   metrics["groups"]["attribute_names"], name,
+                                   os.path.join(plots_dir, f"groups-{safe}.png"))
+            plots[f"Accuracy per (class, attribute) group: {name}"] = f"plots/groups-{safe}.png"
     for name, diag in (metrics.get("dlsa") or {}).items():
         safe = name.replace("+", "_")
         rp.plot_dlsa(diag, name, os.path.join(plots_dir, f"dlsa-{safe}.png"))
@@ -514,8 +657,11 @@ def render_report(out_dir: str, ece_bins: int = 20) -> tuple[str, str]:
                                few_threshold=rule.get("few_threshold", 20),
                                split_rule=rule.get("split_rule", "auto"))
     plots = {"Per-class accuracy against train count": "plots/per-class-accuracy.png"} | plots
-    return rp.render_report(metrics | {"plots": plots, "store": metrics.get("lineage", {}),
-                                       "sections": report_sections(metrics)}, out_dir)
+    paths = rp.render_report(metrics | {"plots": plots, "store": metrics.get("lineage", {}),
+                                        "sections": report_sections(metrics)}, out_dir)
+    if key is not None:
+        _write_atomic(os.path.join(out_dir, REPORT_KEY_FILE), key.encode())
+    return paths
 
 
 def _pct(v: Any) -> str:
@@ -534,6 +680,9 @@ def report_sections(metrics: dict) -> list[dict]:
                   "n/a" if m.get("classwise_ece") is None else f"{m['classwise_ece']:.4f}",
                   f"{m['brier']:.4f}", f"{m['nll']:.4f}"] for n, m in methods.items()],
     }]
+    group_section = glt.group_section(metrics)
+    if group_section:
+        sections.append(group_section)
     dlsa = metrics.get("dlsa") or {}
     if dlsa:
         rows = []
@@ -602,7 +751,7 @@ def run_all(cfg: RunConfig) -> dict:
     store = run_extract(cfg)
     results = run_methods(cfg, store)
     metrics = run_evaluate(cfg, store, results)
-    render_report(cfg.output, cfg.evaluation.ece_bins)
+    render_report(cfg.output, cfg.evaluation.ece_bins, force=False)
     return metrics
 
 
@@ -611,12 +760,17 @@ def run_methods(cfg: RunConfig, store: StoreInfo) -> list[MethodResult]:
 
 
 def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
-    """Rerun one stage on cached features and what depends on it; returns metrics when evaluated.
+    """Bring one stage up to date on cached features, then what depends on it; returns the metrics.
 
-    ``extract``; a configured method name (or ``method:NAME``); ``evaluate``; ``report``.
+    ``extract``; a configured method name (or ``method:NAME``); ``evaluate``; ``report``. Upstream
+    artifacts are reused; the stage itself is recomputed when its inputs changed, or always with
+    ``force`` (and then its dependents too, since their keys do not see a forced refit).
     """
-    if name == "extract":
-        if force and store_status(cfg.store) == "complete":
+    if name in ("extract", "import"):
+        if name == "import" or cfg.dataset is None:
+            raise LongtailError(f"stage {name!r}: this config's store is imported (no `dataset`); "
+                                "rebuild it with `longtail import-features` into a new path")
+        if force and store_status(cfg.store, storage_options=cfg.storage_options) == "complete":
             raise LongtailError(
                 f"store {cfg.store!r} is complete and is never overwritten: point `store` at a new path "
                 "to extract again"
@@ -624,12 +778,14 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
         preflight(cfg)
         info = run_extract(cfg)
         log.warning("extract: %s (%s)", "cached, nothing to do" if info.cached else "written", info.url)
-        return None
+        metrics = run_evaluate(cfg, info, run_methods(cfg, info))
+        render_report(cfg.output, cfg.evaluation.ece_bins, force=False)
+        return metrics
     if name == "report":
-        render_report(cfg.output, cfg.evaluation.ece_bins)
+        render_report(cfg.output, cfg.evaluation.ece_bins, force=True)
         return None
     store = existing_store(cfg)
-    validate_methods(cfg, open_store(store.url).num_classes)
+    validate_methods(cfg, open_store(store.url, storage_options=cfg.storage_options).num_classes)
     if name != "evaluate":
         method_name = name.removeprefix("method:")
         specs = [s for s in cfg.methods if s.name == method_name]
@@ -639,8 +795,8 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
                 f"({', '.join(s.name for s in cfg.methods)})"
             )
         run_method(cfg, specs[0], store, force=force)
-    metrics = run_evaluate(cfg, store, run_methods(cfg, store))
-    render_report(cfg.output, cfg.evaluation.ece_bins)
+    metrics = run_evaluate(cfg, store, run_methods(cfg, store), force=force)
+    render_report(cfg.output, cfg.evaluation.ece_bins, force=force)
     return metrics
 
 
@@ -677,7 +833,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     validate_methods(cfg)
     source = existing_store(cfg)
     src = open_store(source.url)
-    tgt = open_store(target_url)
+    tgt = open_store(target_url, storage_options=cfg.storage_options)
     if split not in tgt.splits:
         raise LongtailError(f"target store {target_url!r} has no split {split!r} (it has {', '.join(tgt.splits)})")
     if tgt.feature_dim != src.feature_dim:
@@ -688,18 +844,20 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
                             f"{tgt.backbone_hash}) than the model's store {cfg.store!r} ({src.backbone_hash})")
     if tgt.num_classes != src.num_classes:
         raise LongtailError(f"target store {target_url!r} has {tgt.num_classes} classes, the model's store {src.num_classes}")
-    target = tgt.read(split)
+    # the target's features are only ever read chunk by chunk (split_logits); its labels whole
+    labels = [y for _, y, _ in tgt.iter_chunks(split)] if tgt.has_labels(split) else None
+    target_labels = None if labels is None else np.concatenate(labels)
     if how == "bbse" and "val" not in src.splits:
         raise LongtailError(f"--method bbse needs a labelled val split in {cfg.store!r}")
     val = src.read("val") if "val" in src.splits else None
     results = run_methods(cfg, source)
     true_prior = None
-    if target.labels is not None:
-        true_prior = np.bincount(target.labels, minlength=src.num_classes).astype(np.float64)
+    if target_labels is not None:
+        true_prior = np.bincount(target_labels, minlength=src.num_classes).astype(np.float64)
         true_prior /= true_prior.sum()  # labels is non-empty (FeatureSet refuses empty splits)
 
     def acc(z):
-        return None if target.labels is None else float(np.mean(z.argmax(axis=1) == target.labels))
+        return None if target_labels is None else float(np.mean(z.argmax(axis=1) == target_labels))
 
     out: dict[str, Any] = {"method": how, "split": split, "estimated_prior": None, "methods": {},
                            "estimated_priors": {}, "target": target_url}
@@ -708,7 +866,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
         out["estimation_error"] = {}
     for r in results:
         method = load_method(cfg, r.key)
-        logits = method.logits(target.features)
+        logits = split_logits(method, tgt, split)
         lp = logit_prior(method)
         val_logits = method_logits(cfg, r.key, "val") if val is not None else None
         est = estimate_prior(how, logits, lp, val_logits, None if val is None else val.labels)
@@ -748,7 +906,7 @@ def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = 
     infos = []
     for cfg in cfgs:  # every check before any fit
         info = existing_store(cfg)
-        validate_methods(cfg, open_store(info.url).num_classes)
+        validate_methods(cfg, open_store(info.url, storage_options=cfg.storage_options).num_classes)
         infos.append(info)
     out: dict[str, Any] = {"params": None, "stores": {}}
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
@@ -757,7 +915,7 @@ def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = 
         method, resolved = build_method(cfg, spec)
         res = run_dlsa_cascade(cfg, spec, info)
         cascade = load_cascade(cfg, method, res.key)
-        diag = diagnostics(cascade, open_store(info.url).read("train"), method.tail_threshold)
+        diag = diagnostics(cascade, open_store(info.url, storage_options=cfg.storage_options).read("train"), method.tail_threshold)
         diag["fit_seconds"] = res.fit_seconds
         out["params"] = _without_device(resolved["dlsa"])
         out["stores"][info.url] = diag

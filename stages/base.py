@@ -31,6 +31,15 @@ class Method:
 
     #: registry name, set by :func:`register`
     name: ClassVar[str] = ""
+    #: Whether ``fit`` needs the whole train split in memory as one :class:`FeatureSet`. True by
+    #: default, and for every method that trains on all rows (the heads, LADE, DLSA): the pipeline
+    #: then reads the train split in full for the fit. A method whose fit uses only the split's
+    #: metadata (class counts, dimension) and the val split sets it False (the post-hoc wrappers
+    #: ``+pc`` and ``+ts`` around an already fitted base): the pipeline then fits it on the train
+    #: split's class means, computed chunk by chunk (:func:`pipeline.runner.fit_split`). Logits
+    #: never need a whole split: the pipeline computes them chunk by chunk from the store
+    #: (:func:`pipeline.runner.split_logits`). See :func:`needs_full_split`.
+    needs_full_split: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -252,6 +261,19 @@ def make_method(name: str, params: dict[str, Any] | None = None) -> Method:
         cls = PREFIX_WRAPPERS.get(w) or SUFFIX_WRAPPERS[w]
         method = _construct(cls, wrapper_params[w], name, base=method)
     return method
+
+
+def needs_full_split(method: Method) -> bool:
+    """Whether fitting ``method`` as it stands needs the whole train split in memory: its own
+    :attr:`Method.needs_full_split`, or that of a wrapped method that is not fitted yet (a wrapper's
+    ``fit`` fits its base first)."""
+    m: Method | None = method
+    while m is not None:
+        if type(m).needs_full_split:
+            return True
+        base = getattr(m, "base", None)
+        m = base if isinstance(base, Method) and not base.is_fitted() else None
+    return False
 
 
 def known_methods() -> list[str]:

@@ -146,6 +146,8 @@ class PostCompensatedSoftmax(Wrapper):
     are checked first, so a bad ``target_prior`` fails before minutes of fitting.
     """
 
+    needs_full_split = False  # the own fit uses the train prior only (see Method.needs_full_split)
+
     def __init__(self, base: Method, target_prior: Sequence[float] | None = None):
         super().__init__(base)
         self.target_prior = target_prior
@@ -281,6 +283,8 @@ class TemperatureScaling(Wrapper):
     The logits after scaling carry the base's logit prior to the power ``1/T`` (renormalised), which
     is what a following ``+pc`` removes.
     """
+
+    needs_full_split = False  # the own fit uses the val split only (see Method.needs_full_split)
 
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "TemperatureScaling":
         if val is None:

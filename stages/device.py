@@ -24,4 +24,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise LongtailError(f"device: unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LongtailError(f"device: {device!r} was asked for but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        # CUDA would fail later, mid-fit, with "invalid device ordinal"; CUDA_VISIBLE_DEVICES renumbers
+        raise LongtailError(f"device: {device!r} was asked for but this machine shows "
+                            f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. cuda:"
+                            f"{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES renumbers them from 0)")
+    if dev.type not in ("cpu", "cuda"):
+        raise LongtailError(f"device: {device!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return dev

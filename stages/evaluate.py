@@ -40,6 +40,10 @@ __all__ = [
     "nll",
     "matthews_corrcoef",
     "normalized_mutual_info",
+    "group_counts",
+    "group_accuracy",
+    "macro_precision",
+    "group_metrics",
 ]
 
 #: The keys of :func:`evaluate`'s result, in report order (the ``metrics.json`` contract).
@@ -466,6 +470,90 @@ def nll(logits: np.ndarray, labels: np.ndarray) -> float:
     x = _check_logits(logits)
     lab = _check_labels(labels, x.shape[0], x.shape[1])
     return float(-_row_stats(x, lab)["logp_true"].mean())
+
+
+# ---------------------------------------------------------------------------------- groups (GLT)
+def _check_attributes(attributes: np.ndarray, n: int) -> np.ndarray:
+    att = np.asarray(attributes)
+    if att.ndim != 1 or att.shape[0] != n:
+        raise LongtailError(f"attributes: expected shape ({n},) to match {n} labels, got shape {att.shape}")
+    if att.dtype.kind not in "iu":
+        raise LongtailError(f"attributes: must be integer attribute indices, got dtype {att.dtype}")
+    att = att.astype(np.int64)
+    if att.min() < 0:
+        raise LongtailError(f"attributes: attribute index {int(att.min())} is negative")
+    return att
+
+
+def group_counts(labels: np.ndarray, attributes: np.ndarray, num_classes: int,
+                 num_attributes: int | None = None) -> np.ndarray:
+    """Samples per (class, attribute) group ``(C, A)`` int64; ``A`` defaults to ``max + 1``."""
+    lab = _check_labels(labels, np.asarray(labels).shape[0], num_classes)
+    att = _check_attributes(attributes, lab.shape[0])
+    a = int(att.max()) + 1 if num_attributes is None else max(int(num_attributes), int(att.max()) + 1)
+    return np.bincount(lab * a + att, minlength=num_classes * a).reshape(num_classes, a).astype(np.int64)
+
+
+def group_accuracy(pred: np.ndarray, labels: np.ndarray, attributes: np.ndarray, num_classes: int,
+                   num_attributes: int | None = None) -> np.ndarray:
+    """Accuracy of every (class, attribute) group ``(C, A)`` float64, NaN for an empty group.
+
+    The groups of the subpopulation-shift and GLT evaluations in paper 000 (Tables 3 and A-2:
+    "average and worst-group accuracy"; a group is a (class, attribute) pair, Waterbirds' four
+    (bird, scene) pairs). ``pred``, ``labels``, ``attributes`` ``(N,)``; ``A`` defaults to the
+    largest attribute + 1.
+    """
+    pred, lab = _check_pred_labels(pred, labels, num_classes)
+    total = group_counts(lab, attributes, num_classes, num_attributes)
+    a = total.shape[1]
+    att = np.asarray(attributes).astype(np.int64)
+    hit = pred == lab
+    correct = np.bincount(lab[hit] * a + att[hit], minlength=num_classes * a).reshape(num_classes, a)
+    out = np.full(total.shape, np.nan)
+    present = total > 0  # guards the division: an empty group has no accuracy
+    out[present] = correct[present] / total[present]
+    return out
+
+
+def macro_precision(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean per-class precision ``TP_c / #{pred = c}`` over the classes in ``labels`` (the
+    "precision" of paper 000's Table 4 / Tang et al. 2022). A class that is never predicted has
+    precision 0 (scikit-learn's ``zero_division=0``): a classifier that never names a class
+    should not have that class drop out of the mean."""
+    pred, lab = _check_pred_labels(pred, labels, num_classes)
+    predicted = np.bincount(pred, minlength=num_classes).astype(np.float64)
+    tp = np.bincount(lab[pred == lab], minlength=num_classes).astype(np.float64)
+    present = np.bincount(lab, minlength=num_classes) > 0
+    prec = np.zeros(num_classes)
+    named = predicted > 0  # guards the division: a class never predicted keeps precision 0
+    prec[named] = tp[named] / predicted[named]
+    return float(prec[present].mean())  # labels is non-empty, so some class is present
+
+
+def group_metrics(logits: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
+                  num_attributes: int | None = None) -> dict:
+    """The generalized long-tail metrics of one method (paper 000, Tables 3, 4 and A-2).
+
+    Args:
+        logits: ``(N, C)`` class scores; labels, attributes: ``(N,)``.
+
+    Returns:
+        ``average_group``: mean accuracy over the (class, attribute) groups with test samples;
+        ``worst_group``: the lowest of them; ``group_accuracy``: the ``(C, A)`` table as nested
+        lists (NaN for an empty group); ``macro_precision``: see :func:`macro_precision`.
+    """
+    x = _check_logits(logits)
+    n, c = x.shape
+    lab = _check_labels(labels, n, c)
+    pred = x.argmax(axis=1)
+    acc = group_accuracy(pred, lab, attributes, c, num_attributes)
+    present = acc[~np.isnan(acc)]  # non-empty: every test sample is in a group
+    return {
+        "average_group": float(present.mean()),
+        "worst_group": float(present.min()),
+        "group_accuracy": acc.tolist(),
+        "macro_precision": macro_precision(pred, lab, c),
+    }
 
 
 # ---------------------------------------------------------------------------------- evaluate

@@ -7,3 +7,4 @@ from stages import heads  # noqa: F401
 from stages import calibrate  # noqa: F401
 from stages import lade  # noqa: F401
 from stages import dlsa  # noqa: F401
+from stages import cala  # noqa: F401

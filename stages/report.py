@@ -56,10 +56,12 @@ from stages.evaluate import METRIC_KEYS, _ece_from_bins, reliability_bins, shot_
 __all__ = [
     "REPORT_COLUMNS",
     "plot_dlsa",
+    "plot_group_accuracy",
     "plot_per_class_accuracy",
     "plot_reliability",
     "plot_confusion",
     "render_report",
+    "render_tables",
 ]
 
 DPI = 120
@@ -349,6 +351,53 @@ def plot_confusion(
     return _save_figure(fig, path)
 
 
+def plot_group_accuracy(
+    accuracy: Any,
+    class_names: list[str] | tuple[str, ...],
+    attribute_names: list[str] | tuple[str, ...],
+    method_name: str,
+    path: str | os.PathLike,
+) -> Path:
+    """Test accuracy per (class, attribute) group as a heat map (generalized long tail).
+
+    Args:
+        accuracy: ``(C, A)`` fractions, NaN or None for a group without test samples (left blank),
+            as ``metrics.json``'s ``group_accuracy`` holds them.
+        class_names, attribute_names: ``C`` and ``A`` tick labels (cells annotated when ``C <= 20``).
+        method_name: shown in the title, with the average- and worst-group accuracy.
+        path: the PNG to write.
+    """
+    acc = np.array([[np.nan if v is None else float(v) for v in row] for row in accuracy], dtype=np.float64)
+    if acc.ndim != 2 or acc.size == 0:
+        raise LongtailError(f"group accuracy: expected a (C x A) table, got shape {acc.shape}")
+    c, a = acc.shape
+    if len(class_names) != c or len(attribute_names) != a:
+        raise LongtailError(f"group accuracy: {len(class_names)} class and {len(attribute_names)} attribute names "
+                            f"for a {c} x {a} table")
+    fig = _new_figure(float(np.clip(1.1 * a + 3.0, 4.5, 12.0)), float(np.clip(0.32 * c + 2.0, 4.0, 12.0)))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(acc), cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest",
+                      aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("test accuracy of the group")
+    ax.set_xticks(np.arange(a))
+    ax.set_xticklabels([str(n) for n in attribute_names], fontsize=9)
+    if c <= 40:
+        ax.set_yticks(np.arange(c))
+        ax.set_yticklabels([str(n) for n in class_names], fontsize=9 if c <= 15 else 7)
+    if c <= 20:
+        for i in range(c):
+            for j in range(a):
+                if np.isfinite(acc[i, j]):
+                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8, color="#222222")
+    present = acc[np.isfinite(acc)]
+    ax.set_xlabel("attribute")
+    ax.set_ylabel("class")
+    summary = (f"average {present.mean():.3f}, worst {present.min():.3f}" if present.size else "no test samples")
+    ax.set_title(f"Accuracy per (class, attribute) group: {method_name}\n{summary}")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------------------- report
 def plot_dlsa(diag: Mapping[str, Any], method_name: str, path: str | os.PathLike) -> Path:
     """DLSA filter diagnostics (``stages.dlsa.diagnostics``): cluster sizes per filter (sorted,
@@ -438,6 +487,20 @@ def _md_escape(text: str) -> str:
     return text
 
 
+def _validate_sections(sections_in: Any) -> list[dict[str, Any]]:
+    sections = []
+    for i, sec in enumerate(sections_in):
+        if not isinstance(sec, Mapping) or not {"title", "columns", "rows"} <= set(sec):
+            raise LongtailError(f"results: sections[{i}] needs 'title', 'columns' and 'rows'")
+        columns = [str(c) for c in sec["columns"]]
+        rows = [[str(c) for c in row] for row in sec["rows"]]
+        if any(len(row) != len(columns) for row in rows):
+            raise LongtailError(f"results: sections[{i}] ({sec['title']!r}) has rows of another width than its columns")
+        sections.append({"title": str(sec["title"]), "text": str(sec.get("text", "")),
+                         "columns": columns, "rows": rows})
+    return sections
+
+
 def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
     if not isinstance(results, Mapping):
         raise LongtailError(f"results: expected a mapping (the metrics.json content), got {type(results).__name__}")
@@ -478,18 +541,8 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
     store = results.get("store") or {}
     if not isinstance(store, Mapping):
         raise LongtailError("results: 'store' must be a mapping of lineage fields")
-    sections = []
-    for i, sec in enumerate(results.get("sections") or []):
-        if not isinstance(sec, Mapping) or not {"title", "columns", "rows"} <= set(sec):
-            raise LongtailError(f"results: sections[{i}] needs 'title', 'columns' and 'rows'")
-        columns = [str(c) for c in sec["columns"]]
-        rows = [[str(c) for c in row] for row in sec["rows"]]
-        if any(len(row) != len(columns) for row in rows):
-            raise LongtailError(f"results: sections[{i}] ({sec['title']!r}) has rows of another width than its columns")
-        sections.append({"title": str(sec["title"]), "text": str(sec.get("text", "")),
-                         "columns": columns, "rows": rows})
     return {
-        "sections": sections,
+        "sections": _validate_sections(results.get("sections") or []),
         "dataset": str(results["dataset"]),
         "counts": counts.astype(np.int64),
         "names": [str(n) for n in names] if names is not None else None,
@@ -682,4 +735,35 @@ def render_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> tup
     d = _describe(r)
     md_path = _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(_render_md(r, d), encoding="utf-8"))
     html_path = _atomic_write(out / "report.html", lambda tmp: Path(tmp).write_text(_render_html(r, d), encoding="utf-8"))
+    return md_path, html_path
+
+
+def render_tables(title: str, intro: list[str], sections: list[Mapping[str, Any]],
+                  out_dir: str | os.PathLike, stem: str) -> tuple[Path, Path]:
+    """Write ``STEM.md`` and ``STEM.html``: a title, paragraphs and tables (``sections`` as in
+    :func:`render_report`: title, text, columns, rows of strings), for summaries across runs such
+    as ``longtail glt``'s protocols."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    secs = _validate_sections(sections)
+    md = [f"# {_md_escape(title)}", ""] + [line for p in intro for line in (_md_escape(p), "")]
+    e = html.escape
+    ht = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
+          f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>"]
+    ht += [f'<p class="how">{e(p)}</p>' for p in intro]
+    for sec in secs:
+        md += [f"## {_md_escape(sec['title'])}", ""] + ([_md_escape(sec["text"]), ""] if sec["text"] else [])
+        md.append("| " + " | ".join(_md_escape(c) for c in sec["columns"]) + " |")
+        md.append("|" + "|".join([":---"] + ["---:"] * (len(sec["columns"]) - 1)) + "|")
+        md += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in sec["rows"]] + [""]
+        ht.append(f"<h2>{e(sec['title'])}</h2>")
+        if sec["text"]:
+            ht.append(f'<p class="how">{e(sec["text"])}</p>')
+        ht.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in sec["columns"]) + "</tr></thead><tbody>")
+        for first, *rest in sec["rows"]:
+            ht.append(f"<tr><td>{e(first)}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in rest) + "</tr>")
+        ht.append("</tbody></table>")
+    ht += ["</body>", "</html>", ""]
+    md_path = _atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text("\n".join(md), encoding="utf-8"))
+    html_path = _atomic_write(out / f"{stem}.html", lambda tmp: Path(tmp).write_text("\n".join(ht), encoding="utf-8"))
     return md_path, html_path

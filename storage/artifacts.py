@@ -6,7 +6,17 @@ Layout::
         <name> ...                  the caller's files
         meta.json                   the caller's metadata (JSON)
         _COMPLETE                   written LAST: {"kind", "key", "files": {name: {size, blake2b}}}
-    <root>/<kind>/.tmp-<key>-<rand>/    a write in progress (ignored by readers)
+    <root>/<kind>/.tmp-<key>-<rand>/    a local write in progress (ignored by readers)
+    <root>/<kind>/.lock-<key>           a remote write in progress (see below)
+
+Atomicity. A reader only trusts an artifact whose ``_COMPLETE`` marker (the manifest: every
+file's size and blake2b, ``meta.json`` included) is there, and that marker is written last. On
+the local filesystem the whole directory is written under a temporary name and renamed into
+place (one ``rename(2)``), so the artifact appears complete or not at all. Object stores have no
+directory rename: there a writer takes the per-key lock ``.lock-<key>`` (an exclusive create, see
+:mod:`storage.locks`), writes the files in place and the marker last, then releases the lock; a
+second writer of the same key waits for the first's marker and writes nothing. So two writers of
+one key never interleave their files, even when their bytes differ (a timestamp in ``meta``).
 
 The caller computes the key (a hex content hash of the inputs, the stage, its parameters and
 its code version; see pipeline/); the store never does. The same key means the same bytes, so
@@ -30,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from stages.errors import LongtailError
-from storage.fs import is_local, join, resolve
+from storage.fs import check_access, is_local, join
+from storage.locks import DEFAULT_TIMEOUT, WriterLock
 
 MARKER = "_COMPLETE"
 META = "meta.json"
@@ -99,11 +110,16 @@ def load_tensors(data: bytes, where: str = "tensors", device: str = "cpu") -> di
 
 # ---------------------------------------------------------------------------------------- the store
 class ArtifactStore:
-    """Content-keyed artifacts under ``root_url`` (local path, ``file://``, ``memory://``, ...)."""
+    """Content-keyed artifacts under ``root_url`` (local path, ``file://``, ``memory://``,
+    ``s3://``, ...). A remote root is probed once here (credentials, endpoint, bucket), so a
+    misconfigured store fails before any work. ``lock_timeout``: seconds a writer waits for
+    another writer of the same key on a remote store."""
 
-    def __init__(self, root_url: str, *, storage_options: dict | None = None) -> None:
+    def __init__(self, root_url: str, *, storage_options: dict | None = None,
+                 lock_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.root_url = str(root_url).rstrip("/") or str(root_url)
-        self.fs, self.root = resolve(self.root_url, storage_options)
+        self.fs, self.root = check_access(self.root_url, storage_options)
+        self.lock_timeout = lock_timeout
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_url!r})"
@@ -192,11 +208,13 @@ class ArtifactStore:
     def write(self, kind: str, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any] | None = None) -> str:
         """Writes artifact ``<kind>/<key>`` once; returns its URL.
 
-        Everything goes to a temporary sibling ``.tmp-<key>-<rand>`` first, the ``_COMPLETE``
-        marker last, then the directory is renamed into place. If the artifact already exists
-        and is complete, nothing is written (same key, same bytes). A partial directory (no
-        marker) at the final place is replaced. ``files`` maps plain names (no ``/``; not
-        ``meta.json`` or ``_COMPLETE``) to bytes; ``meta`` must be JSON-serialisable.
+        Locally everything goes to a temporary sibling ``.tmp-<key>-<rand>`` first, the
+        ``_COMPLETE`` marker last, then the directory is renamed into place; remotely the files
+        are written in place under the key's lock, the marker last (see the module docstring).
+        If the artifact already exists and is complete, nothing is written (same key, same
+        bytes). A partial directory (no marker) at the final place is replaced. ``files`` maps
+        plain names (no ``/``; not ``meta.json`` or ``_COMPLETE``) to bytes; ``meta`` must be
+        JSON-serialisable.
         """
         final = self._dir(kind, key)
         for name, data in files.items():
@@ -217,42 +235,52 @@ class ArtifactStore:
                 for n, b in sorted(payload.items())
             },
         }
+        if is_local(self.fs):
+            self._write_local(kind, key, final, payload, manifest)
+        else:
+            self._write_remote(kind, key, final, payload, manifest)
+        if not self.exists(kind, key):  # pragma: no cover - a backend that lost the write
+            raise RuntimeError(f"{self.url(kind, key)}: artifact not complete after writing")
+        return self.url(kind, key)
+
+    def _write_local(self, kind: str, key: str, final: str, payload: dict, manifest: dict) -> None:
         tmp = join(self.root, kind, f".tmp-{key}-{uuid.uuid4().hex[:12]}")
         self.fs.makedirs(tmp, exist_ok=True)
         try:
             for name, data in payload.items():
                 self.fs.pipe_file(join(tmp, name), data)
             self.fs.pipe_file(join(tmp, MARKER), dump_json(manifest))
-            self._move_into_place(tmp, final, list(payload))
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp, recursive=True)
-        if not self.exists(kind, key):  # pragma: no cover - a backend that lost the rename
-            raise RuntimeError(f"{self.url(kind, key)}: artifact not complete after writing")
-        return self.url(kind, key)
-
-    def _move_into_place(self, tmp: str, final: str, names: list[str]) -> None:
-        if self.fs.exists(final) and not self.fs.exists(join(final, MARKER)):
-            # a partial artifact from a crashed write on a non-atomic backend: replace it
-            self.fs.rm(final, recursive=True)
-        if is_local(self.fs):
-            # one atomic rename of the whole directory (POSIX rename(2))
-            try:
+            if os.path.isdir(final) and not os.path.exists(join(final, MARKER)):
+                # a partial artifact (hand-made, or an older non-atomic writer): replace it
+                self.fs.rm(final, recursive=True)
+            try:  # one atomic rename of the whole directory (POSIX rename(2))
                 os.replace(tmp, final)
             except OSError:
                 # another writer put the same key in place first (the target is a non-empty
                 # directory): same key, same bytes, so theirs is as good as ours
-                if not self.fs.exists(join(final, MARKER)):
+                if not os.path.exists(join(final, MARKER)):
                     raise
-            return
-        if self.fs.exists(join(final, MARKER)):  # another writer won the race
-            return
-        # Object stores have no directory rename: move file by file, the marker last, so a
-        # crash leaves a directory without marker (not an artifact). Atomicity of each move
-        # is per the backend.
-        for name in names:
-            self.fs.mv(join(tmp, name), join(final, name))
-        self.fs.mv(join(tmp, MARKER), join(final, MARKER))
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp, recursive=True)
+
+    def _write_remote(self, kind: str, key: str, final: str, payload: dict, manifest: dict) -> None:
+        lock = WriterLock(self.fs, join(self.root, kind, f".lock-{key}"), join(self.root_url, kind, f".lock-{key}"),
+                          f"artifact {self.url(kind, key)}", self.lock_timeout)
+        with lock:
+            self.fs.invalidate_cache(final)  # listings cached before the wait are stale now
+            if self.exists(kind, key):  # the writer we waited for completed it
+                return
+            if self.fs.exists(final):  # a partial artifact from a crashed writer: replace it
+                self.fs.rm(final, recursive=True)
+            try:
+                for name, data in payload.items():
+                    self.fs.pipe_file(join(final, name), data)
+                self.fs.pipe_file(join(final, MARKER), dump_json(manifest))
+            except BaseException:  # still ours (locked) and not an artifact: leave nothing behind
+                if self.fs.exists(final) and not self.fs.exists(join(final, MARKER)):
+                    self.fs.rm(final, recursive=True)
+                raise
 
 
 __all__ = ["ArtifactStore", "dump_json", "load_json", "load_tensors", "save_tensors", "MARKER", "META"]

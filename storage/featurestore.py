@@ -38,7 +38,9 @@ names, class counts, feature dimension and every split's fingerprint. ``index`` 
 is not part of the fingerprint.
 
 Writing: :class:`FeatureStoreWriter` never overwrites a complete store, resumes an interrupted
-one whose plan matches (completed splits are kept), and rebuilds one whose plan differs.
+one whose plan matches (completed splits are kept), and rebuilds one whose plan differs. One
+writer at a time: it holds the lock ``<url>.lock`` next to the store (:mod:`storage.locks`); a
+second writer waits, then reuses what the first completed or resumes what it left.
 ``has_labels`` is part of the plan (:data:`PLAN_KEYS`), compared after reading a missing
 ``has_labels`` as "every split labelled", so an interrupted store written before the key existed
 still resumes under an all-labelled plan.
@@ -63,7 +65,8 @@ import numpy as np
 
 from stages.data import FeatureSet
 from stages.errors import LongtailError
-from storage.fs import join, json_hash, resolve, zarr_store
+from storage.fs import check_access, join, json_hash, remote_error, resolve, zarr_store
+from storage.locks import DEFAULT_TIMEOUT, WriterLock
 
 SCHEMA_VERSION = 1
 
@@ -95,7 +98,7 @@ def _root_attrs(url: str, storage_options: dict | None) -> dict | None:
 
     Reads ``zarr.json`` directly (the Zarr v3 group document), so a status check is one read.
     """
-    fs, path = resolve(url, storage_options)
+    fs, path = check_access(url, storage_options)
     try:
         if not fs.exists(path):
             return None
@@ -107,8 +110,12 @@ def _root_attrs(url: str, storage_options: dict | None) -> dict | None:
                 return None
             raise LongtailError(f"{url}: not a feature store (a non-empty directory without zarr.json)")
         raw = fs.cat_file(meta)
+    except LongtailError:
+        raise
     except OSError as e:
         raise LongtailError(f"{url}: cannot read the feature store ({type(e).__name__}: {e})") from e
+    except Exception as e:  # a remote backend's own error types (credentials, connection)
+        raise remote_error(url, e) from e
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -272,9 +279,23 @@ class FeatureStoreWriter:
         storage_options: fsspec options for ``url``.
         extra_attrs: descriptive root attributes (for example the dataset name) that are not part
             of the plan: they do not decide whether an interrupted store is resumed.
+        lock_timeout: seconds to wait for another writer of the same store (see below).
+        reuse_complete: reuse a complete store with the same plan instead of refusing it (for
+            callers that checked the store was missing and then planned; another run may have
+            completed it meanwhile).
+
+    One writer at a time: the writer holds a lock ``<url>.lock`` next to the store (host, pid,
+    time; see :mod:`storage.locks`) from construction until :meth:`finish`, :meth:`abort` or
+    :meth:`close`. A second writer waits up to ``lock_timeout`` seconds: if the first completed
+    the store with the same plan meanwhile, the second reuses it (``reused`` is True, every split
+    is done and :meth:`finish` returns the fingerprint without writing); if the first is still
+    writing at the deadline, LongtailError names it. A lock left by a dead process on this host
+    is taken over with a warning; use the writer as a context manager (or call :meth:`close`) so
+    that an exception releases the lock (the interrupted store stays resumable).
 
     On construction: a complete store at ``url`` raises LongtailError (never overwritten; reuse
-    it or delete it); an incomplete store with the same plan (:data:`PLAN_KEYS`) is resumed
+    it or delete it) unless it has the same plan and the writer waited for its lock or was given
+    ``reuse_complete``; an incomplete store with the same plan (:data:`PLAN_KEYS`) is resumed
     (``resumed`` is True; completed splits are kept and :meth:`split_done` says which); an
     incomplete store with another plan is deleted and rebuilt.
 
@@ -307,9 +328,9 @@ class FeatureStoreWriter:
         chunk_rows: int | None = None,
         storage_options: dict | None = None,
         extra_attrs: Mapping[str, Any] | None = None,
+        lock_timeout: float = DEFAULT_TIMEOUT,
+        reuse_complete: bool = False,
     ) -> None:
-        import zarr
-
         self.url = str(url)
         extra = dict(extra_attrs or {})
         clash = sorted(set(extra) & (set(PLAN_KEYS) | {"schema_version", "complete", "fingerprint"}))
@@ -334,18 +355,43 @@ class FeatureStoreWriter:
         self._active: dict[str, _ActiveSplit] = {}
         self._closed = False
         self.resumed = False
+        self.reused = False
+        self._reused_fp: str | None = None
 
+        fs, path = check_access(self.url, storage_options)
+        base = self.url.rstrip("/")
+        self._lock = WriterLock(fs, path.rstrip("/") + ".lock", base + ".lock", f"feature store {base}", lock_timeout,
+                                supersede_own=True)
+        self.waited = self._lock.acquire()
+        try:
+            fs.invalidate_cache(path)  # listings cached before the lock may be stale now
+            self._open(extra, reuse_complete or self.waited)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, extra: dict, reuse: bool) -> None:
+        import zarr
+
+        storage_options = self._storage_options
         attrs = _root_attrs(self.url, storage_options)
         if attrs is not None:
+            same = attrs.get("schema_version") == SCHEMA_VERSION and all(
+                _plan_value(attrs, k) == self._plan[k] for k in PLAN_KEYS
+            )
             if attrs.get("complete") is True:
+                if reuse and same:  # another writer completed this very plan: nothing to write
+                    store = open_store(self.url, storage_options=storage_options)
+                    self._done = {s: store.split_fingerprint(s) for s in self._plan["splits"]}
+                    self._reused_fp = store.fingerprint
+                    self.reused = True
+                    self._lock.release()
+                    return
                 raise LongtailError(
                     f"{self.url}: a complete feature store is already there "
                     f"(fingerprint {str(attrs.get('fingerprint'))[:16]}); it is never overwritten: "
                     "reuse it or delete it first"
                 )
-            same = attrs.get("schema_version") == SCHEMA_VERSION and all(
-                _plan_value(attrs, k) == self._plan[k] for k in PLAN_KEYS
-            )
             if same:
                 self.resumed = True
             else:
@@ -439,6 +485,8 @@ class FeatureStoreWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self.url}: the writer is closed (finish() or abort() was called)")
+        if self._lock.superseded:
+            raise RuntimeError(f"{self.url}: a newer writer of this store in this process took over its lock")
 
     def split_done(self, name: str) -> bool:
         """True when split ``name`` is already complete (kept from a resumed store, or ended)."""
@@ -580,22 +628,41 @@ class FeatureStoreWriter:
         return fp
 
     def finish(self) -> str:
-        """Writes the store's fingerprint and ``complete: true`` (last); returns the fingerprint."""
+        """Writes the store's fingerprint and ``complete: true`` (last), releases the lock and
+        returns the fingerprint (a reused store's, unchanged, when ``reused``)."""
         self._check_open()
+        if self.reused:
+            self._closed = True
+            return str(self._reused_fp)
         missing = [s for s in self._plan["splits"] if s not in self._done]
         if missing:
             raise RuntimeError(f"{self.url}: finish() with split(s) not complete: {', '.join(missing)}")
         fp = _store_fingerprint(self._plan, {s: self._done[s] for s in self._plan["splits"]})
         self._root.update_attributes({"fingerprint": fp, "complete": True})
-        self._closed = True
+        self.close()
         return fp
 
     def abort(self) -> None:
-        """Deletes the (incomplete) store this writer was building."""
+        """Deletes the (incomplete) store this writer was building (a reused complete store is
+        left alone) and releases the lock."""
         self._check_open()
+        self._active.clear()
+        if not self.reused:
+            self._delete()
+        self.close()
+
+    def close(self) -> None:
+        """Releases the lock without completing or deleting anything: an unfinished store stays
+        there, incomplete and resumable. Idempotent; the writer cannot write afterwards."""
         self._closed = True
         self._active.clear()
-        self._delete()
+        self._lock.release()
+
+    def __enter__(self) -> "FeatureStoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------- reader

@@ -15,13 +15,71 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stages.errors import LongtailError
+
 #: bytes read at a time when hashing a file
 HASH_BLOCK = 8 << 20
 
 
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path)`` for a URL; ``path`` is what the filesystem's methods take."""
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    """``(filesystem, path)`` for a URL; ``path`` is what the filesystem's methods take.
+
+    LongtailError naming the URL when no fsspec backend handles its protocol (unknown, or its
+    package, e.g. ``s3fs`` for ``s3://``, is not installed) or the options are not accepted.
+    """
+    try:
+        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except ImportError as e:
+        raise LongtailError(f"{url}: the filesystem package for this URL is not installed ({_one_line(e)})") from e
+    except (ValueError, TypeError) as e:
+        raise LongtailError(f"{url}: cannot open this URL ({_one_line(e)})") from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def remote_error(url: str, exc: BaseException) -> LongtailError:
+    """A one-line LongtailError naming ``url`` for a backend failure: missing credentials, an
+    unreachable endpoint, access denied; anything else is reported with its type and message.
+
+    Classified by exception class names (botocore, aiohttp), so no backend is imported here.
+    """
+    names = {t.__name__ for t in type(exc).__mro__}
+    text = _one_line(exc)
+    if names & {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}:
+        return LongtailError(
+            f"{url}: no credentials for this store (for s3:// set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            f"or a profile, or give them in storage_options) ({text})"
+        )
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                "ConnectionError", "ServerTimeoutError", "ReadTimeoutError", "TimeoutError"}:
+        return LongtailError(f"{url}: cannot reach the storage endpoint ({text})")
+    if names & {"PermissionError"} or any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")):
+        return LongtailError(f"{url}: access denied: check the credentials and permissions ({text})")
+    return LongtailError(f"{url}: storage error ({text})")
+
+
+def check_access(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``resolve(url)`` plus, for a remote URL, one request that proves the backend answers with
+    the credentials at hand, and (for object stores with buckets) that the bucket exists; nothing
+    is written. Raises :func:`remote_error`'s LongtailError otherwise. Local paths are not probed.
+    """
+    fs, path = resolve(url, storage_options)
+    if is_local(fs):
+        return fs, path
+    try:
+        fs.exists(path)
+        split_path = getattr(fs, "split_path", None)  # s3fs and friends: (bucket, key, version)
+        if split_path is not None:
+            bucket = split_path(path)[0]
+            if bucket and not fs.exists(bucket):
+                raise LongtailError(f"{url}: bucket {bucket!r} does not exist (create it first)")
+    except LongtailError:
+        raise
+    except Exception as e:  # backends raise their own types (botocore, aiohttp, ...)
+        raise remote_error(url, e) from e
+    return fs, path
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

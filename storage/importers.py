@@ -29,7 +29,8 @@ import numpy as np
 
 from stages.errors import LongtailError
 from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
-from storage.fs import file_hash, json_hash
+from storage.locks import DEFAULT_TIMEOUT
+from storage.fs import check_access, file_hash, is_local, json_hash
 
 EXTENSIONS = (".npz", ".h5", ".hdf5")
 KEYS = ("features", "labels", "attributes")
@@ -53,9 +54,11 @@ class _FeatureFile:
         self.require_labels = bool(require_labels)
         self._h5 = None
         self._npz = None
-        if not os.path.exists(self.path):
+        self._handle = None  # an open fsspec file for a remote URL
+        fs, fpath = check_access(self.path)
+        if not fs.exists(fpath):
             raise LongtailError(f"{self.path}: feature file not found")
-        if os.path.isdir(self.path):
+        if fs.isdir(fpath):
             raise LongtailError(f"{self.path}: is a directory, not a feature file")
         ext = os.path.splitext(self.path)[1].lower()
         if ext not in EXTENSIONS:
@@ -63,15 +66,18 @@ class _FeatureFile:
                 f"{self.path}: unsupported feature file extension {ext or '(none)'!r} (expected .npz, .h5 or .hdf5)"
             )
         try:
+            # a local file is opened by path; a remote one through fsspec (read lazily, block by block)
+            source = fpath if is_local(fs) else fs.open(fpath, "rb")
+            self._handle = None if is_local(fs) else source
             if ext == ".npz":
-                self._npz = np.load(self.path, allow_pickle=False)
+                self._npz = np.load(source, allow_pickle=False)
                 if not isinstance(self._npz, np.lib.npyio.NpzFile):
                     raise ValueError("not an .npz archive")
                 found = list(self._npz.files)
             else:
                 import h5py
 
-                self._h5 = h5py.File(self.path, "r")
+                self._h5 = h5py.File(source, "r")
                 found = list(self._h5.keys())
         except LongtailError:
             raise
@@ -175,10 +181,10 @@ class _FeatureFile:
             yield start, block
 
     def close(self) -> None:
-        for handle in (self._h5, self._npz):
+        for handle in (self._h5, self._npz, self._handle):
             if handle is not None:
                 handle.close()
-        self._h5 = self._npz = None
+        self._h5 = self._npz = self._handle = None
 
     def __enter__(self) -> "_FeatureFile":
         return self
@@ -238,6 +244,7 @@ def import_features(
     storage_options: dict | None = None,
     chunk_rows: int | None = None,
     progress: bool | None = None,
+    lock_timeout: float = DEFAULT_TIMEOUT,
 ) -> ImportResult:
     """Builds a complete feature store at ``out`` from user feature files (one per split).
 
@@ -262,6 +269,12 @@ def import_features(
     import of the same files is resumed. Errors: any bad file (see :func:`load_feature_file`),
     feature dimensions that differ between files, labels outside ``[0, C)``, a class without a
     train sample; on such an error the partial store is deleted.
+
+    ``out`` may be any fsspec URL (``storage_options`` are its options); the input files may be
+    local paths or URLs too (opened with the backend's default options: environment variables or
+    fsspec configuration). Two imports into the same ``out`` at once: the second waits up to
+    ``lock_timeout`` seconds for the first and reuses its store when it was built from the same
+    files (see :class:`~storage.featurestore.FeatureStoreWriter`).
     """
     paths = {"train": str(train)}
     if val is not None:
@@ -298,7 +311,8 @@ def import_features(
     if status == "complete":
         existing = open_store(out, storage_options=storage_options)
         for p in paths.values():  # a clean "not found" before hashing
-            if not os.path.isfile(p):
+            fs, fpath = check_access(p)
+            if not fs.isfile(fpath):
                 raise LongtailError(f"{p}: feature file not found")
         backbone, backbone_hash, dataset_fp = identity()
         if existing.dataset_fingerprint == dataset_fp and existing.backbone_hash == backbone_hash:
@@ -347,6 +361,8 @@ def import_features(
             has_labels={s: f.labels is not None for s, f in files.items()},
             chunk_rows=chunk_rows,
             storage_options=storage_options,
+            lock_timeout=lock_timeout,
+            reuse_complete=True,  # another import of these very files may have finished meanwhile
         )
         try:
             for split, f in files.items():
@@ -368,10 +384,12 @@ def import_features(
         except LongtailError:
             writer.abort()  # bad data: a partial store from these files is worth nothing
             raise
+        finally:
+            writer.close()  # releases the store's lock whatever happened (idempotent)
     finally:
         for f in files.values():
             f.close()
-    return ImportResult(open_store(out, storage_options=storage_options), str(out), reused=False)
+    return ImportResult(open_store(out, storage_options=storage_options), str(out), reused=writer.reused)
 
 
 __all__ = ["EXTENSIONS", "ImportResult", "import_features", "load_feature_file"]

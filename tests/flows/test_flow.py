@@ -3,15 +3,8 @@
 import json
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.config import parse_config
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_flow_runs_and_second_run_skips_everything(harness, tmp_path, monkeypatch):

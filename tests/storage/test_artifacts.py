@@ -25,7 +25,8 @@ def store(request, tmp_path):
         return
     root = f"lt-{uuid.uuid4().hex}"
     yield ArtifactStore(f"memory://{root}/art")
-    fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
+    if fsspec.filesystem("memory").exists(f"/{root}"):
+        fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
 
 
 def test_write_then_read(store):
@@ -121,26 +122,29 @@ def test_crash_before_marker_leaves_no_artifact(store, monkeypatch):
     assert [p for p in store.fs.find(f"{store.root}") if ".tmp-" in p] == []  # temp cleaned
 
 
-def test_non_local_backend_moves_the_marker_last(monkeypatch):
+def test_non_local_backend_writes_the_marker_last_under_the_key_lock(monkeypatch):
     root = f"lt-{uuid.uuid4().hex}"
     store = ArtifactStore(f"memory://{root}")
-    moved = []
-    real = store.fs.mv
+    written = []
+    real = store.fs.pipe_file
 
-    def spy(src, dst, **kw):
-        moved.append(dst.rsplit("/", 1)[-1])
-        if dst.endswith(MARKER):
+    def spy(path, data, **kw):
+        written.append(path.rsplit("/", 1)[-1])
+        if path.endswith(MARKER):
+            assert store.fs.exists(f"/{root}/method/.lock-{KEY}")  # written while holding the lock
             raise OSError("connection reset")  # a crash between the files and the marker
-        return real(src, dst, **kw)
+        return real(path, data, **kw)
 
-    monkeypatch.setattr(store.fs, "mv", spy)
+    monkeypatch.setattr(store.fs, "pipe_file", spy)
     with pytest.raises(OSError):
         store.write("method", KEY, {"a": b"1", "b": b"2"})
     monkeypatch.undo()
-    assert moved[-1] == MARKER and sorted(moved[:-1]) == ["a", "b", "meta.json"]
-    assert store.fs.exists(f"/{root}/method/{KEY}/a") and not store.exists("method", KEY)
+    assert written[0] == f".lock-{KEY}" and written[-1] == MARKER
+    assert sorted(written[1:-1]) == ["a", "b", "meta.json"]
+    assert not store.exists("method", KEY) and not store.fs.exists(f"/{root}/method/{KEY}")
+    assert not store.fs.exists(f"/{root}/method/.lock-{KEY}")  # released on the error
     store.write("method", KEY, {"a": b"1", "b": b"2"})
-    assert store.exists("method", KEY)
+    assert store.exists("method", KEY) and store.keys("method") == [KEY]
     fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
 
 

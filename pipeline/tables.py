@@ -1,0 +1,151 @@
+"""Neighbour tables in the pipeline: computed once per store and table parameters, reused by
+every run, epoch and method that asks for the same table.
+
+A method that uses a table (``heuristic-cala`` and its ablations) exposes ``table_params()`` (``k``,
+``metric``, ``index`` and the index's parameters) and ``set_table(table)``. Before such a method is
+fitted, :func:`attach_table` runs (or loads) the table artifact and hands it over; the flow runs the
+tables as a task of their own before the methods that need them (:func:`table_specs`).
+
+An artifact of kind ``neighbours`` is keyed by the store fingerprint, the split, the table
+parameters (defaults filled in; the device and chunk size left out, they do not change the table;
+the seed only for approximate indexes, whose training sample it draws) and the source of
+``stages/neighbours.py``. A changed store has another fingerprint, hence another key; a table whose
+recorded fingerprint is not the store's is refused (:meth:`NeighbourTable.check_for`), never reused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline.config import MethodSpec, RunConfig
+from pipeline.keys import stable_hash, table_code_version
+from pipeline.runner import MethodResult, StoreInfo, build_method
+from stages.base import Method
+from stages.errors import LongtailError
+from stages.neighbours import METRICS, NeighbourTable, build_table, check_k, index_params, table_fingerprint
+from storage.artifacts import ArtifactStore, load_tensors, save_tensors
+from storage.featurestore import open_store
+
+KIND = "neighbours"
+#: neighbours are train samples of train samples (paper 000, appendix B.II)
+SPLIT = "train"
+FILE = "table.safetensors"
+
+
+def table_user(method: Method) -> Method | None:
+    """The method itself or the method it wraps that uses a neighbour table, else None (a method
+    whose ``table_params()`` returns None needs none with its parameters)."""
+    m = method
+    while m is not None:
+        if callable(getattr(m, "table_params", None)) and m.table_params() is not None:
+            return m
+        m = getattr(m, "base", None)
+    return None
+
+
+def uses_table(cfg: RunConfig, spec: MethodSpec) -> bool:
+    return table_user(build_method(cfg, spec)[0]) is not None
+
+
+def table_specs(cfg: RunConfig) -> list[MethodSpec]:
+    """One configured spec per distinct table (by the parameters its method asks for)."""
+    out, seen = [], set()
+    for spec in cfg.methods:
+        user = table_user(build_method(cfg, spec)[0])
+        if user is None:
+            continue
+        ident = stable_hash({k: v for k, v in user.table_params().items() if k != "device"})
+        if ident not in seen:
+            seen.add(ident)
+            out.append(spec)
+    return out
+
+
+def _table_args(params: dict[str, Any], cfg: RunConfig, n_rows: int, seed: int | None = None) -> tuple[dict, dict]:
+    """``(build_table keyword arguments, the parameters that decide the table)`` from a method's
+    ``table_params()``; the seed and device are the ones it gives, else ``seed`` (the method's own),
+    else the run's. LongtailError for a bad K, metric, index or index parameter."""
+    p = dict(params)
+    if "k" not in p:
+        raise LongtailError("table_params() must give k")  # a bug in the method, worded for its author
+    metric = p.pop("metric", "cosine")
+    if metric not in METRICS:
+        raise LongtailError(f"neighbour table: unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    k = check_k(p.pop("k"), n_rows)
+    index = p.pop("index", "flat")
+    device = p.pop("device", cfg.device)
+    seed = p.pop("seed", cfg.seed if seed is None else seed)
+    chunk = p.pop("chunk_rows", None)
+    resolved = index_params(index, n_rows, p)
+    decide = {"k": k, "metric": metric, "index": index, **resolved}
+    if index != "flat":
+        decide["seed"] = seed
+    build = {"k": k, "index": index, "device": device, "seed": seed, **resolved}
+    if chunk is not None:
+        build["chunk_rows"] = chunk
+    return build, decide
+
+
+def table_key(store_fingerprint: str, decide: dict) -> str:
+    return stable_hash(KIND, store_fingerprint, SPLIT, decide, table_code_version())
+
+
+def run_neighbour_table(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
+    """Build (or reuse) the neighbour table that ``spec``'s method asks for, on the store's train
+    split; ``fit_seconds`` of the result is the build time (recorded when the table was built)."""
+    method, _ = build_method(cfg, spec)
+    user = table_user(method)
+    if user is None:
+        raise LongtailError(f"method {spec.name!r} uses no neighbour table")
+    fs = open_store(store.url)
+    build, decide = _table_args(user.table_params(), cfg, fs.num_rows(SPLIT), getattr(user, "seed", None))
+    key = table_key(store.fingerprint, decide)
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    if artifacts.exists(KIND, key) and not force:
+        return MethodResult(spec.name, key, True, artifacts.read_meta(KIND, key)["build_seconds"], decide)
+    train = fs.read(SPLIT)
+    t0 = time.perf_counter()
+    table = build_table(train.features, fingerprint=table_fingerprint(store.fingerprint, SPLIT), **build)
+    seconds = time.perf_counter() - t0
+    files = {FILE: save_tensors({"indices": torch.from_numpy(table.indices),
+                                 "similarities": torch.from_numpy(table.similarities)})}
+    artifacts.write(KIND, key, files, {
+        "params": decide, "k": table.k, "metric": table.metric, "index": table.index,
+        "fingerprint": table.fingerprint, "recall": table.recall, "rows": len(table),
+        "build_seconds": seconds, "store_fingerprint": store.fingerprint, "split": SPLIT,
+        "code_version": table_code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return MethodResult(spec.name, key, False, seconds, decide)
+
+
+def load_table(cfg: RunConfig, key: str) -> NeighbourTable:
+    """The table stored under ``key`` (safetensors, no pickle)."""
+    artifacts = ArtifactStore(cfg.artifacts_url)
+    meta = artifacts.read_meta(KIND, key)
+    where = artifacts.url(KIND, key)
+    tensors = load_tensors(artifacts.read_file(KIND, key, FILE), where)
+    try:
+        return NeighbourTable(tensors["indices"].numpy(), tensors["similarities"].numpy(), int(meta["k"]),
+                              meta["metric"], meta["index"], str(meta["fingerprint"]), meta.get("recall"))
+    except KeyError as e:
+        raise LongtailError(f"{where}: corrupt neighbour table (no {e})") from e
+
+
+def attach_table(cfg: RunConfig, spec: MethodSpec, method: Method, store: StoreInfo) -> float:
+    """Hand the cached table (built first if needed) to the table user inside ``method``; returns
+    the table's build time. LongtailError when the stored table does not belong to this store's
+    train split or does not have the parameters the method asks for."""
+    user = table_user(method)
+    assert user is not None, "attach_table needs a method that uses a neighbour table"
+    res = run_neighbour_table(cfg, spec, store)
+    table = load_table(cfg, res.key)
+    table.check_for(open_store(store.url).num_rows(SPLIT), table_fingerprint(store.fingerprint, SPLIT))
+    got = {"k": table.k, "metric": table.metric, "index": table.index}
+    want = {name: res.params[name] for name in got}
+    if got != want:
+        raise LongtailError(f"{ArtifactStore(cfg.artifacts_url).url(KIND, res.key)}: neighbour table has "
+                            f"{got}, the method asks for {want}: remove the corrupt artifact")
+    user.set_table(table)
+    return res.fit_seconds
