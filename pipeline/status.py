@@ -11,7 +11,6 @@ from typing import Any
 
 from pipeline import runner
 from pipeline.config import RunConfig
-from storage.artifacts import ArtifactStore
 from storage.featurestore import open_store, store_status
 
 CACHED, STALE, MISSING = "cached", "stale", "missing"
@@ -49,10 +48,11 @@ _EXTRACT_WHAT = {"dataset_fingerprint": "dataset", "backbone": "backbone", "weig
 
 def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
     """(stage key, entry, the store fingerprint the methods would be keyed by or None)."""
-    status = store_status(cfg.store)
+    opts = cfg.storage_options
+    status = store_status(cfg.store, storage_options=opts)
     if cfg.dataset is None:
         if status == "complete":
-            fp = open_store(cfg.store).fingerprint
+            fp = open_store(cfg.store, storage_options=opts).fingerprint
             return "import", _entry(CACHED, f"imported store {cfg.store} (fingerprint {fp})"), fp
         return "import", _entry(MISSING, f"store {cfg.store} is {status}: run `longtail import-features`"), None
     ds, weights = runner._dataset(cfg), runner._planned_weights(cfg)
@@ -61,7 +61,7 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
         return "extract", _entry(MISSING, f"no store at {cfg.store} yet"), None
     if status != "complete":
         return "extract", _entry(MISSING, f"store {cfg.store} is {status} (interrupted): a run resumes it"), None
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, storage_options=opts)
     if store.attrs.get("extract_key") == key:
         return "extract", _entry(CACHED, f"store {cfg.store} (fingerprint {store.fingerprint})"), store.fingerprint
     recorded = store.attrs.get("extract_inputs")
@@ -77,7 +77,7 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
 
 
 def _method_status(cfg: RunConfig, spec, fingerprint: str | None, upstream: dict,
-                   artifacts: ArtifactStore, previous: list[dict]) -> dict:
+                   artifacts, previous: list[dict]) -> dict:
     mine = [m for m in previous if m.get("name") == spec.name]
     if fingerprint is None:
         if mine:
@@ -107,7 +107,7 @@ def stage_status(cfg: RunConfig) -> dict:
     upstream_key, entry, fingerprint = _extract_status(cfg)
     stages[upstream_key] = entry
     upstream = {"key": upstream_key, "state": entry["state"]}
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = runner.artifact_store(cfg)
     previous = [artifacts.read_meta("method", k) for k in artifacts.keys("method")]
     results = []
     for spec in cfg.methods:

@@ -152,7 +152,8 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
     ``v(x, c) = 0`` for a class without MixUp label mass in ``N_K(x)`` (module docstring).
 
     ``v`` is nonzero only on the classes of the neighbourhood's MixUp labels (the neighbours' labels
-    and their partners' labels, at most ``S = 2K`` of the ``C``), so it is evaluated on that support:
+    and their partners' labels, at most ``S = 2K`` of the ``C``), so it is evaluated on that support
+    (all ``C`` classes when ``C <= 2K``):
     ``p_pr`` by a fused gather-and-mean of the neighbours' predictions read at the ``S`` columns, the
     label masses, counts and class averages by ``(R, S, K)`` indicator products, instead of the
     ``(R, C)`` tables of the definitions (``2K << C`` at ImageNet scale). The values equal
@@ -191,11 +192,14 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
             s_mx = (w * (labels[neighbours] == own) + (1.0 - w) * (partner_labels[neighbours] == own)).mean(1)
         else:
             s_mx = (labels[neighbours] == own).float().mean(1)
-    step = max(1, int(chunk_entries) // ((2 if mixed else 1) * k * k))
+    step = max(1, int(chunk_entries) // (min(c, (2 if mixed else 1) * k) * k))
     for start in range(0, n, step):
         nb = neighbours[start:start + step]  # (R, K)
         y_nb = labels[nb]
-        support = torch.cat([y_nb, partner_labels[nb]], 1) if mixed else y_nb  # (R, S) classes
+        if c <= (2 if mixed else 1) * k:  # few classes: every class is the support (S = C)
+            support = torch.arange(c, device=nb.device).expand(nb.shape[0], c)
+        else:
+            support = torch.cat([y_nb, partner_labels[nb]], 1) if mixed else y_nb  # (R, S) classes
         # p_pr at the support: a fused gather-and-mean of the neighbours' rows, then the S columns
         p_pr = neighbourhood_prediction(nb, probs).float().gather(1, support)
         # per-class sums over the neighbours as one batched product with the (R, S, K) indicator

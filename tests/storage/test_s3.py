@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import socket
 import uuid
 
@@ -16,7 +15,6 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from pipeline.config import parse_config  # noqa: E402
-from pipeline import runner  # noqa: E402
 from stages.errors import LongtailError  # noqa: E402
 from storage.artifacts import ArtifactStore, load_tensors, save_tensors  # noqa: E402
 from storage.featurestore import FeatureStoreWriter, open_store, store_status  # noqa: E402
