@@ -83,11 +83,15 @@ def table_code_version() -> str:
 
 
 def evaluate_code_version() -> str:
-    """Source hash of the evaluation: metrics, label-shift protocol, prior estimators, the runner."""
+    """Source hash of the evaluation: metrics, label-shift protocol, prior estimators, group
+    metrics, the runner."""
     names = ("evaluate.py", "label_shift.py", "priors.py", "shift.py", "calibrate.py")
-    return files_version([_STAGES_DIR / n for n in names] + [Path(__file__).with_name("runner.py")])
+    here = Path(__file__).parent
+    return files_version([_STAGES_DIR / n for n in names] + [here / "runner.py", here / "glt.py"])
 
 
 def report_code_version() -> str:
-    """Source hash of the report: plots and page (stages/report.py) and its tables (the runner)."""
-    return files_version([_STAGES_DIR / "report.py", Path(__file__).with_name("runner.py")])
+    """Source hash of the report: plots and page (stages/report.py) and its tables (the runner,
+    the group tables)."""
+    here = Path(__file__).parent
+    return files_version([_STAGES_DIR / "report.py", here / "runner.py", here / "glt.py"])

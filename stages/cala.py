@@ -30,7 +30,8 @@ Which label prior do the plain logits carry (for ``+pc``)? At the optimum of eq.
 ``f(x)[c] + tau1 log p_tr(c) + tau2 v(x, c) = log p_tr(c | x) + const(x)``; ``v`` estimates a ratio of
 class-conditional densities (eq. 4), which carries no label prior, so the logits carry
 ``p_tr^(1 - tau1)`` (renormalised), as for ``logit-adjust`` with ``tau = tau1``. For ``dynamic-la``
-they carry ``p_tr / p_pr^tau`` (renormalised), ``p_pr`` the proportions of the last epoch.
+they carry ``p_tr / p_pr^tau`` (renormalised), ``p_pr`` the proportions its last epoch was adjusted by
+(``pred_prior_``).
 """
 
 from __future__ import annotations
