@@ -99,7 +99,7 @@ def demo(
     out: str = typer.Option("runs/demo", "--out", help="Run directory for the store, cache and report."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or plain Python."),
 ) -> None:
-    """Run the full DAG on the built-in digits-lt dataset with every head and ce+pc."""
+    """Run the full DAG on the built-in digits-lt dataset with every head, CALA, DLSA and calibration wrappers."""
     from pipeline.config import demo_config
 
     cfg = demo_config(out)

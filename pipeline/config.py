@@ -226,7 +226,7 @@ def dump_config(config: RunConfig) -> str:
 
 DEMO_METHODS: list[Union[str, dict]] = [
     "ce", "balanced-softmax", "logit-adjust", "cb-ce", "crt", "tau-norm", "lws", "cosine",
-    "focal", "ldam-drw", "lade", "ce+pc", "ce+ts", "dlsa+balanced-softmax",
+    "focal", "ldam-drw", "lade", "heuristic-cala", "dynamic-la", "ce+pc", "ce+ts", "dlsa+balanced-softmax",
 ]
 
 

@@ -832,7 +832,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
         raise LongtailError(f"--out {out_dir!r} exists and is not a directory")
     validate_methods(cfg)
     source = existing_store(cfg)
-    src = open_store(source.url)
+    src = open_store(source.url, storage_options=cfg.storage_options)
     tgt = open_store(target_url, storage_options=cfg.storage_options)
     if split not in tgt.splits:
         raise LongtailError(f"target store {target_url!r} has no split {split!r} (it has {', '.join(tgt.splits)})")

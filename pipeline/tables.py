@@ -22,11 +22,11 @@ import torch
 
 from pipeline.config import MethodSpec, RunConfig
 from pipeline.keys import stable_hash, table_code_version
-from pipeline.runner import MethodResult, StoreInfo, build_method
+from pipeline.runner import MethodResult, StoreInfo, artifact_store, build_method
 from stages.base import Method
 from stages.errors import LongtailError
 from stages.neighbours import METRICS, NeighbourTable, build_table, check_k, index_params, table_fingerprint
-from storage.artifacts import ArtifactStore, load_tensors, save_tensors
+from storage.artifacts import load_tensors, save_tensors
 from storage.featurestore import open_store
 
 KIND = "neighbours"
@@ -100,10 +100,10 @@ def run_neighbour_table(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, forc
     user = table_user(method)
     if user is None:
         raise LongtailError(f"method {spec.name!r} uses no neighbour table")
-    fs = open_store(store.url)
+    fs = open_store(store.url, storage_options=cfg.storage_options)
     build, decide = _table_args(user.table_params(), cfg, fs.num_rows(SPLIT), getattr(user, "seed", None))
     key = table_key(store.fingerprint, decide)
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     if artifacts.exists(KIND, key) and not force:
         return MethodResult(spec.name, key, True, artifacts.read_meta(KIND, key)["build_seconds"], decide)
     train = fs.read(SPLIT)
@@ -122,7 +122,7 @@ def run_neighbour_table(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, forc
 
 def load_table(cfg: RunConfig, key: str) -> NeighbourTable:
     """The table stored under ``key`` (safetensors, no pickle)."""
-    artifacts = ArtifactStore(cfg.artifacts_url)
+    artifacts = artifact_store(cfg)
     meta = artifacts.read_meta(KIND, key)
     where = artifacts.url(KIND, key)
     tensors = load_tensors(artifacts.read_file(KIND, key, FILE), where)
@@ -141,11 +141,11 @@ def attach_table(cfg: RunConfig, spec: MethodSpec, method: Method, store: StoreI
     assert user is not None, "attach_table needs a method that uses a neighbour table"
     res = run_neighbour_table(cfg, spec, store)
     table = load_table(cfg, res.key)
-    table.check_for(open_store(store.url).num_rows(SPLIT), table_fingerprint(store.fingerprint, SPLIT))
+    table.check_for(open_store(store.url, storage_options=cfg.storage_options).num_rows(SPLIT), table_fingerprint(store.fingerprint, SPLIT))
     got = {"k": table.k, "metric": table.metric, "index": table.index}
     want = {name: res.params[name] for name in got}
     if got != want:
-        raise LongtailError(f"{ArtifactStore(cfg.artifacts_url).url(KIND, res.key)}: neighbour table has "
+        raise LongtailError(f"{artifact_store(cfg).url(KIND, res.key)}: neighbour table has "
                             f"{got}, the method asks for {want}: remove the corrupt artifact")
     user.set_table(table)
     return res.fit_seconds
