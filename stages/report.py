@@ -109,7 +109,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------------- plots
