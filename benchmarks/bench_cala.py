@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +55,7 @@ END_MARKER = "<!-- cala-bench:end -->"
 COMMAND = "nice python benchmarks/bench_cala.py --write-readme"
 
 import bench_stages as bs  # noqa: E402  (the data sets and helpers of the stage benchmark)
+from readme import write_section  # noqa: E402
 
 METHODS = ("ce", "heuristic-cala", "dynamic-la")
 
@@ -220,20 +220,6 @@ def render(results: dict, args, total_s: float) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-def write_readme(table: str) -> None:
-    """Replace only the text between the markers (README.md is re-read right before writing)."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start == -1 or end == -1 or end < start:
-        raise SystemExit(f"README.md has no {START_MARKER} ... {END_MARKER} markers")
-    text = text[:start] + f"{START_MARKER}\n{table}\n{END_MARKER}" + text[end + len(END_MARKER):]
-    tmp = README + ".bench-cala-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, README)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("digits-lt", "imagenet-lt-synthetic", "all"), default="all")
@@ -271,7 +257,7 @@ def main(argv=None) -> int:
     table = render(results, args, time.perf_counter() - t0)
     print(table)
     if args.write_readme:
-        write_readme(table)
+        write_section(START_MARKER, END_MARKER, table, README)
     return 0
 
 

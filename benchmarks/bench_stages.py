@@ -1106,24 +1106,19 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
     return "\n".join(lines)
 
 
+def _append_performance(text: str | None, block: str) -> str:
+    """README.md without the perf-table markers: a Performance section at the end (or a new file)."""
+    if text is None:
+        return f"## Performance\n\n{block}\n"
+    print("README.md has no perf-table markers: appending a Performance section", file=sys.stderr)
+    return text.rstrip("\n") + f"\n\n## Performance\n\n{block}\n"
+
+
 def write_readme(table: str) -> None:
     """Replace only the text between the markers (README.md is re-read right before writing)."""
-    block = f"{START_MARKER}\n{table}\n{END_MARKER}"
-    if not os.path.exists(README):
-        text = f"## Performance\n\n{block}\n"
-    else:
-        with open(README, encoding="utf-8") as f:
-            text = f.read()
-        start, end = text.find(START_MARKER), text.find(END_MARKER)
-        if start == -1 or end == -1 or end < start:
-            print("README.md has no perf-table markers: appending a Performance section", file=sys.stderr)
-            text = text.rstrip("\n") + f"\n\n## Performance\n\n{block}\n"
-        else:
-            text = text[:start] + block + text[end + len(END_MARKER):]
-    tmp = README + ".bench-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, README)
+    from readme import write_section  # benchmarks/readme.py (this folder is on sys.path)
+
+    write_section(START_MARKER, END_MARKER, table, README, if_missing=_append_performance)
 
 
 def parse_args(argv=None):

@@ -51,6 +51,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import bench_stages as bs  # noqa: E402  (its module level is the standard library only)
+from readme import write_section  # noqa: E402
 
 README = os.path.join(REPO, "README.md")
 START_MARKER = "<!-- table-bench:start -->"
@@ -274,20 +275,6 @@ def render(facts: dict, sets: list[dict], k: int, chunk: int, total_s: float) ->
     return "\n".join(lines)
 
 
-def write_readme(table: str) -> None:
-    """Replace only the text between the markers (README.md is re-read right before writing)."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start == -1 or end == -1 or end < start:
-        raise SystemExit(f"README.md has no {START_MARKER} ... {END_MARKER} markers")
-    text = text[:start] + f"{START_MARKER}\n{table}\n{END_MARKER}" + text[end + len(END_MARKER):]
-    tmp = README + ".bench-tables-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, README)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
@@ -309,7 +296,7 @@ def main(argv=None) -> int:
         table = render(saved["facts"], saved["sets"], saved["k"], saved["chunk_rows"], saved["total_s"])
         print(table)
         if args.write_readme:
-            write_readme(table)
+            write_section(START_MARKER, END_MARKER, table, README)
         return 0
     import torch
     import tqdm.auto  # noqa: F401  (imports are not timed)
@@ -336,7 +323,7 @@ def main(argv=None) -> int:
     table = render(facts, results, args.k, args.chunk_rows, total_s)
     print(table)
     if args.write_readme:
-        write_readme(table)
+        write_section(START_MARKER, END_MARKER, table, README)
     return 0
 
 

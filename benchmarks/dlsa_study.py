@@ -68,6 +68,7 @@ for _p in (REPO, HERE):
         sys.path.insert(0, _p)
 
 import bench_stages as bench  # noqa: E402  (the ImageNet-LT-shaped generator and the plain-CE loop)
+from readme import write_section  # noqa: E402
 
 import stages.dlsa as dlsa  # noqa: E402
 from stages.base import make_method  # noqa: E402
@@ -543,6 +544,25 @@ def render(acc: dict, abl: list[dict], tim: dict | None, args, total_s: float) -
     return "\n".join(lines)
 
 
+def _insert_section(text: str | None, block: str) -> str:
+    """README.md without the dlsa-study markers: the heading and ``block`` go after the
+    performance table's caption, or at the end when there is no performance table."""
+    if text is None:
+        raise SystemExit(f"{README} not found")
+    lines = text.split("\n")
+    at = next((i for i, line in enumerate(lines) if ANCHOR in line), None)
+    insert = ["", HEADING, "", block]
+    if at is None:
+        lines += insert + [""]
+    else:
+        j = at + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        at = j if j < len(lines) and not lines[j].startswith("#") else at
+        lines[at + 1:at + 1] = insert
+    return "\n".join(lines)
+
+
 def write_readme(section: str) -> None:
     """Replace the text between the dlsa-study markers; README.md is re-read right before writing.
 
@@ -550,29 +570,7 @@ def write_readme(section: str) -> None:
     after the line containing ``perf-table:end`` and the next non-blank line (the performance
     table's caption), or appended at the end when there is no performance table.
     """
-    block = f"{START_MARKER}\n{section}\n{END_MARKER}"
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER):]
-    else:
-        lines = text.split("\n")
-        at = next((i for i, line in enumerate(lines) if ANCHOR in line), None)
-        insert = ["", HEADING, "", block]
-        if at is None:
-            lines += insert + [""]
-        else:
-            j = at + 1
-            while j < len(lines) and not lines[j].strip():
-                j += 1
-            at = j if j < len(lines) and not lines[j].startswith("#") else at
-            lines[at + 1:at + 1] = insert
-        text = "\n".join(lines)
-    tmp = README + ".dlsa-study-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, README)
+    write_section(START_MARKER, END_MARKER, section, README, if_missing=_insert_section)
 
 
 # ============================================================================== driver

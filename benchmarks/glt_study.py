@@ -35,11 +35,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from pipeline import glt  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
+from readme import write_section  # noqa: E402
 from stages.base import known_methods  # noqa: E402
 
 README = os.path.join(REPO, "README.md")
@@ -138,20 +140,16 @@ def section(results: list[dict], seeds: list[int], methods: list[str], missing: 
 def write_readme(text: str) -> None:
     """Replace the text between the glt-study markers (README.md re-read right before writing),
     keeping a findings paragraph that follows the ``glt-study:findings`` marker up to the first blank line."""
-    with open(README, encoding="utf-8") as f:
-        readme = f.read()
-    start, end = readme.find(START_MARKER), readme.find(END_MARKER)
-    if start == -1 or end < start:
-        raise SystemExit(f"README.md has no {START_MARKER} ... {END_MARKER} block")
-    old = readme[start:end]
     tag = "<!-- glt-study:findings -->"
-    if tag in old:
-        kept = old.split(tag, 1)[1].lstrip("\n").split("\n\n", 1)[0]
-        if kept and not kept.startswith(("Not registered", "Measured on")):
-            text = text.replace(tag, f"{tag}\n{kept}", 1)
-    readme = readme[:start] + f"{START_MARKER}\n{text}\n" + readme[end:]
-    with open(README, "w", encoding="utf-8") as f:
-        f.write(readme)
+
+    def keep_findings(old: str) -> str:
+        if tag in old:
+            kept = old.split(tag, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+            if kept and not kept.startswith(("Not registered", "Measured on")):
+                return text.replace(tag, f"{tag}\n{kept}", 1)
+        return text
+
+    write_section(START_MARKER, END_MARKER, keep_findings, README)
 
 
 def main() -> None:

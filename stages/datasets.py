@@ -55,6 +55,20 @@ class ImageDataset:
         return np.bincount(self.splits["train"].labels, minlength=self.num_classes).astype(np.int64)
 
 
+def _fingerprint(spec: dict, images: np.ndarray, splits: dict[str, ImageSplit], *,
+                 attributes: bool = False) -> str:
+    """blake2b of the JSON ``spec``, the source ``images`` and each split's index (and, with
+    ``attributes``, each split's attributes), in the order train, val, test."""
+    h = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(images).tobytes())
+    for name in ("train", "val", "test"):
+        h.update(name.encode())
+        h.update(splits[name].index.tobytes())
+        if attributes:
+            h.update(splits[name].attributes.tobytes())
+    return h.hexdigest()
+
+
 def exponential_profile(n_max: int, num_classes: int, ratio: float) -> np.ndarray:
     """Per-class counts ``n_max * ratio ** (-c / (C - 1))``, rounded, at least 1."""
     if ratio < 1:
@@ -107,16 +121,11 @@ def digits_lt(
         "val_per_class": int(val_per_class),
         "seed": int(seed),
     }
-    h = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16)
-    h.update(np.ascontiguousarray(images).tobytes())
-    for name in ("train", "val", "test"):
-        h.update(name.encode())
-        h.update(splits[name].index.tobytes())
     return ImageDataset(
         name="digits-lt",
         class_names=tuple(str(c) for c in range(num_classes)),
         splits=splits,
-        fingerprint=h.hexdigest(),
+        fingerprint=_fingerprint(spec, images, splits),
     )
 
 
@@ -259,17 +268,11 @@ def digits_glt(
         "val_per_group": int(val_per_group),
         "seed": int(seed),
     }
-    h = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16)
-    h.update(np.ascontiguousarray(images).tobytes())
-    for name in ("train", "val", "test"):
-        h.update(name.encode())
-        h.update(splits[name].index.tobytes())
-        h.update(splits[name].attributes.tobytes())
     return ImageDataset(
         name="digits-glt",
         class_names=tuple(str(c) for c in range(num_classes)),
         splits=splits,
-        fingerprint=h.hexdigest(),
+        fingerprint=_fingerprint(spec, images, splits, attributes=True),
         attribute_names=GLT_ATTRIBUTES[:a_count],
     )
 

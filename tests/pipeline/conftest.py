@@ -34,15 +34,20 @@ def gaussian_split(n_per_class, dim=8, seed=0, shift=2.5):
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-@pytest.fixture
-def feature_files(tmp_path):
-    """Long-tailed train, balanced val/test .npz files with 4 classes."""
+def write_feature_files(directory) -> dict:
+    """Long-tailed train, balanced val/test .npz files with 4 classes in ``directory`` (a path)."""
     paths = {}
     for name, counts, seed in (("train", [60, 25, 10, 4], 0), ("val", [15] * 4, 1), ("test", [30] * 4, 2)):
         x, y = gaussian_split(counts, seed=seed)
-        paths[name] = tmp_path / f"{name}.npz"
+        paths[name] = directory / f"{name}.npz"
         np.savez(paths[name], features=x, labels=y)
     return paths
+
+
+@pytest.fixture
+def feature_files(tmp_path):
+    """Long-tailed train, balanced val/test .npz files with 4 classes."""
+    return write_feature_files(tmp_path)
 
 
 @pytest.fixture

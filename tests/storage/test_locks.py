@@ -244,8 +244,9 @@ def _artifact_writer(root: str, i: int, go: "mp.Event", out: "mp.Queue") -> None
     out.put(i)
 
 
-def test_two_processes_writing_one_artifact_never_mix_their_files(tmp_path):
-    root = str(tmp_path / "cache")
+def race_artifact_writers(root: str) -> None:
+    """Two spawned processes write artifact ``KEY`` under ``root`` at once: exactly one writer's
+    files end up there, complete and verified (also used by test_s3 for s3:// roots)."""
     go, out = CTX.Event(), CTX.Queue()
     procs = [CTX.Process(target=_artifact_writer, args=(root, i, go, out)) for i in (1, 2)]
     for p in procs:
@@ -260,6 +261,10 @@ def test_two_processes_writing_one_artifact_never_mix_their_files(tmp_path):
     assert {store.read_file("method", KEY, n) for n in store.files("method", KEY)} == {
         bytes([winner]) * (50_000 + j) for j in range(8)
     }
+
+
+def test_two_processes_writing_one_artifact_never_mix_their_files(tmp_path):
+    race_artifact_writers(str(tmp_path / "cache"))
     assert [p for p in os.listdir(tmp_path / "cache" / "method") if p != KEY] == []  # no temp or lock left
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import socket
 import uuid
 
@@ -18,9 +17,9 @@ from pipeline.config import parse_config  # noqa: E402
 from stages.errors import LongtailError  # noqa: E402
 from storage.artifacts import ArtifactStore, load_tensors, save_tensors  # noqa: E402
 from storage.featurestore import FeatureStoreWriter, open_store, store_status  # noqa: E402
-from tests.pipeline.conftest import FAST, assert_user_error, gaussian_split, invoke  # noqa: E402
+from tests.pipeline.conftest import FAST, assert_user_error, gaussian_split, invoke, write_feature_files  # noqa: E402
 from tests.storage.test_featurestore import build, make_data, plan  # noqa: E402
-from tests.storage.test_locks import _artifact_writer  # noqa: E402
+from tests.storage.test_locks import race_artifact_writers  # noqa: E402
 
 KEY = "0123456789abcdef" * 2
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -112,36 +111,12 @@ def test_artifact_store_round_trips(bucket):
 
 
 def test_two_processes_writing_one_s3_artifact_never_mix_their_files(bucket):
-    ctx = mp.get_context("spawn")
-    go, out = ctx.Event(), ctx.Queue()
-    root = f"{bucket}/cache"
-    # the writer lives in test_locks, a light module for the spawned interpreters to import
-    procs = [ctx.Process(target=_artifact_writer, args=(root, i, go, out)) for i in (1, 2)]
-    for p in procs:
-        p.start()
-    go.set()
-    assert sorted(out.get(timeout=120) for _ in procs) == [1, 2]
-    for p in procs:
-        p.join()
-    store = ArtifactStore(root)
-    store.verify("method", KEY)
-    winner = store.read_meta("method", KEY)["writer"]
-    assert {store.read_file("method", KEY, n) for n in store.files("method", KEY)} == {
-        bytes([winner]) * (50_000 + j) for j in range(8)
-    }
+    # the writers live in test_locks, a light module for the spawned interpreters to import
+    race_artifact_writers(f"{bucket}/cache")
     assert not any(".lock-" in p for p in s3_listing(bucket))
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
-def _feature_files(tmp_path) -> dict:
-    paths = {}
-    for name, counts, seed in (("train", [60, 25, 10, 4], 0), ("val", [15] * 4, 1), ("test", [30] * 4, 2)):
-        x, y = gaussian_split(counts, seed=seed)
-        paths[name] = tmp_path / f"{name}.npz"
-        np.savez(paths[name], features=x, labels=y)
-    return paths
-
-
 def _run(files, store, artifacts, out) -> dict:
     r = invoke("import-features", "--train", files["train"], "--val", files["val"], "--test", files["test"],
                "--out", store)
@@ -164,7 +139,7 @@ def _comparable(metrics: dict) -> dict:
 
 def test_pipeline_on_s3_gives_the_metrics_of_the_local_run(bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a URL taken for a local path would show up here as "s3:"
-    files = _feature_files(tmp_path)
+    files = write_feature_files(tmp_path)
     local = _run(files, str(tmp_path / "store.zarr"), None, tmp_path / "out-local")
     remote = _run(files, f"{bucket}/store.zarr", f"{bucket}/cache", tmp_path / "out-s3")
     assert _comparable(remote) == _comparable(local)
@@ -181,7 +156,7 @@ def test_pipeline_on_s3_gives_the_metrics_of_the_local_run(bucket, tmp_path, mon
 
 # ---------------------------------------------------------------------------------------- bad input
 def test_missing_credentials_is_one_line_naming_the_url(bucket, tmp_path, monkeypatch):
-    files = _feature_files(tmp_path)
+    files = write_feature_files(tmp_path)
     no_credentials(monkeypatch, tmp_path)
     url = f"{bucket}/x.zarr"
     r = invoke("import-features", "--train", files["train"], "--test", files["test"], "--out", url)
@@ -229,7 +204,7 @@ def test_import_from_remote_files_into_a_memory_store_equals_the_local_import(tm
 
     from storage.importers import import_features
 
-    files = _feature_files(tmp_path)
+    files = write_feature_files(tmp_path)
     with h5py.File(tmp_path / "test.h5", "w") as f:  # one HDF5 file, read through a file object
         x, y = gaussian_split([30] * 4, seed=2)
         f["features"], f["labels"] = x, y
