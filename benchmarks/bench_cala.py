@@ -49,12 +49,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
-README = os.path.join(REPO, "README.md")
 START_MARKER = "<!-- cala-bench:start -->"
 END_MARKER = "<!-- cala-bench:end -->"
 COMMAND = "nice python benchmarks/bench_cala.py --write-readme"
 
-import bench_stages as bs  # noqa: E402  (the data sets and helpers of the stage benchmark)
+from benchlib import (  # noqa: E402  (the synthetic data set shared with the stage benchmark)
+    SYN_CLASSES, SYN_SEED, cores, fmt_s, synthetic_features, synthetic_labels, synthetic_means)
 from readme import write_section  # noqa: E402
 
 METHODS = ("ce", "heuristic-cala", "dynamic-la")
@@ -152,31 +152,25 @@ def synthetic_sets(fraction: float):
 
     from stages.data import FeatureSet
 
-    means = bs._synthetic_means()
-    names = [f"c{c:04d}" for c in range(bs.SYN_CLASSES)]
+    means = synthetic_means()
+    names = [f"c{c:04d}" for c in range(SYN_CLASSES)]
     out, counts = [], None
     for split in ("train", "test"):
-        labels = bs._synthetic_labels(split)
-        x = np.empty((len(labels), bs.SYN_DIM), dtype=np.float32)
-        for start, chunk, _ in bs._synthetic_chunks(split, means, labels):
-            x[start:start + len(chunk)] = chunk
+        labels = synthetic_labels(split)
+        x = synthetic_features(split, labels, means)
         if split == "train":
             if fraction < 1:
-                rng = np.random.default_rng([bs.SYN_SEED, 61])
+                rng = np.random.default_rng([SYN_SEED, 61])
                 keep = np.sort(np.concatenate([
                     rng.choice(rows, max(2, int(round(fraction * len(rows)))), replace=False)
-                    for rows in (np.flatnonzero(labels == c) for c in range(bs.SYN_CLASSES))]))
+                    for rows in (np.flatnonzero(labels == c) for c in range(SYN_CLASSES))]))
                 x, labels = x[keep], labels[keep]
-            counts = np.bincount(labels, minlength=bs.SYN_CLASSES)
+            counts = np.bincount(labels, minlength=SYN_CLASSES)
         out.append(FeatureSet(x, labels, counts, names, name=split))
     return out
 
 
 # ------------------------------------------------------------------------------------- rendering
-def _s(sec: float) -> str:
-    return bs.fmt_s(sec)
-
-
 def render(results: dict, args, total_s: float) -> str:
     import torch
 
@@ -200,10 +194,10 @@ def render(results: dict, args, total_s: float) -> str:
         if r["table_rounds"] < r["repeats"]:
             how += f"; table and own-table fit: {r['table_rounds']} run"
         lines.append(
-            f"| {what} | {how} | {_s(m['ce'])} | {_s(m['cala'])} | **{m['cala'] / m['ce']:.2f}x** | {_s(m['table'])} | "
-            f"{_s(m['cala+table'])} | **{m['cala+table'] / m['ce']:.2f}x** | {_s(m['dynamic-la'])} | "
-            f"**{m['dynamic-la'] / m['ce']:.2f}x** | {acc} |")
-    walls = "; ".join(f"{label}: " + ", ".join(f"{key} {_s(v)}" for key, v in r["wall"].items())
+            f"| {what} | {how} | {fmt_s(m['ce'])} | {fmt_s(m['cala'])} | **{m['cala'] / m['ce']:.2f}x** | "
+            f"{fmt_s(m['table'])} | {fmt_s(m['cala+table'])} | **{m['cala+table'] / m['ce']:.2f}x** | "
+            f"{fmt_s(m['dynamic-la'])} | **{m['dynamic-la'] / m['ce']:.2f}x** | {acc} |")
+    walls = "; ".join(f"{label}: " + ", ".join(f"{key} {fmt_s(v)}" for key, v in r["wall"].items())
                       for label, r in results.items())
     notes = [f"Times are CPU seconds of the benchmark process (one torch and faiss thread, so CPU time is "
              f"compute time; on this shared machine wall-clock time measured mostly the other jobs' load). "
@@ -214,7 +208,7 @@ def render(results: dict, args, total_s: float) -> str:
                      "would take tens of minutes on this machine; accuracies after so few epochs are a sanity "
                      "check, not results.")
     notes.append(f"Ratio = time / `ce` time. Measured on {platform.processor() or platform.machine()} "
-                 f"({bs._cores()} cores, shared with other work), {args.threads} torch/faiss thread(s), "
+                 f"({cores()} cores, shared with other work), {args.threads} torch/faiss thread(s), "
                  f"torch {torch.__version__}, {datetime.date.today().isoformat()}; the whole script took "
                  f"{total_s / 60:.1f} min. `{COMMAND}` regenerates this section.")
     return "\n".join(lines + [""] + notes)
@@ -257,7 +251,7 @@ def main(argv=None) -> int:
     table = render(results, args, time.perf_counter() - t0)
     print(table)
     if args.write_readme:
-        write_section(START_MARKER, END_MARKER, table, README)
+        write_section(START_MARKER, END_MARKER, table)
     return 0
 
 

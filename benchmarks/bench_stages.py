@@ -57,31 +57,17 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(REPO, "README.md")
+from benchlib import (  # benchmarks/benchlib.py (this folder is on sys.path, in every spawned child too)
+    SYN_CLASSES, SYN_DIM, SYN_MAX, SYN_MEAN_SCALE, SYN_MIN, SYN_SEED, SYN_SPLIT_IDS, SYN_TEST_PER_CLASS,
+    SYN_VAL_PER_CLASS, busy_seconds, cores, cpu_name, fmt_s, own_cpu_s, synthetic_chunks, synthetic_class_sizes,
+    synthetic_features, synthetic_labels, synthetic_means)
+
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
 COMMAND = "python benchmarks/bench_stages.py --dataset all --write-readme"
 
 DIGITS = "digits-lt"
 SYNTH = "imagenet-lt-synthetic"
-
-#: the synthetic ImageNet-LT-shaped feature set
-SYN_CLASSES = 1000
-SYN_DIM = 2048
-SYN_TRAIN = 115_846
-SYN_MAX = 1280
-SYN_MIN = 5
-SYN_VAL_PER_CLASS = 10
-SYN_TEST_PER_CLASS = 20
-#: per-dimension standard deviation of the class means (the noise has standard deviation 1):
-#: two class means are about ``0.1 * sqrt(2 * 2048) = 6.4`` noise standard deviations apart, so a
-#: linear head separates well-sampled classes and struggles on 5-shot ones
-SYN_MEAN_SCALE = 0.1
-#: rows generated (and handed to the writer) at a time: 4096 x 2048 float32 = 32 MiB
-SYN_CHUNK_ROWS = 4096
-SYN_SEED = 0
-SYN_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 #: heads run on the large set unless ``--heads`` says otherwise: a representative subset (every
 #: sampler, module and two-stage variant; cb-ce, focal, lade and ce+pc only change ce's loss or
@@ -95,13 +81,6 @@ THREADS = 1
 
 
 # ===================================================================================== helpers
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _setup_child(device: str, threads: int) -> None:
     import torch
 
@@ -137,13 +116,6 @@ QUIET_WAIT_S = 60.0
 _QC = {"discarded_runs": 0, "checked": False, "noisy_kept": False}
 
 
-def _own_cpu_s() -> float:
-    import resource
-
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime
-
-
 def _quiet_rounds(fns: list, repeats: int, device: str, single: bool = False) -> tuple[list[list[float]], list]:
     """Time rounds of ``fns`` (each round calls every function once, in order) until ``repeats``
     rounds ran on a quiet machine; return ``(times per function, last result per function)``.
@@ -161,7 +133,7 @@ def _quiet_rounds(fns: list, repeats: int, device: str, single: bool = False) ->
     for _ in range(1 if single else 3 * repeats):
         block = [[] for _ in fns]
         _sync(device)
-        busy0, own0, t0 = _busy_seconds(), _own_cpu_s(), time.perf_counter()
+        busy0, own0, t0 = busy_seconds(), own_cpu_s(), time.perf_counter()
         while True:
             for i, fn in enumerate(fns):
                 _sync(device)
@@ -172,7 +144,7 @@ def _quiet_rounds(fns: list, repeats: int, device: str, single: bool = False) ->
             if single or time.perf_counter() - t0 >= MIN_BLOCK_S or len(block[0]) >= MAX_BLOCK_RUNS:
                 break
         wall = time.perf_counter() - t0
-        busy1, own1 = _busy_seconds(), _own_cpu_s()
+        busy1, own1 = busy_seconds(), own_cpu_s()
         spent += wall
         contended = False
         if busy0 is not None and busy1 is not None and wall >= 0.05:  # wall > 0 guards the division
@@ -218,30 +190,19 @@ def _child_main(stage: str, kwargs: dict, threads: int) -> dict:
     return out
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds every process of the machine has used so far (``/proc/stat``), None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_for_quiet() -> float:
     """Wait until other processes use less than :data:`CONTENDED_CORES` cores over one second (at
     most :data:`QUIET_WAIT_S` seconds, and :data:`QUIET_WAIT_TOTAL_S` over the whole run); return
     the seconds waited. A contended run of a CPU-bound stage on a small machine takes several times
     longer than waiting for the other process to finish."""
     limit = min(QUIET_WAIT_S, _QUIET_LEFT[0])
-    if limit <= 0 or _busy_seconds() is None:
+    if limit <= 0 or busy_seconds() is None:
         return 0.0
     t0 = time.perf_counter()
     while True:
-        b0 = _busy_seconds()
+        b0 = busy_seconds()
         time.sleep(1.0)
-        if _busy_seconds() - b0 < CONTENDED_CORES or time.perf_counter() - t0 >= limit:
+        if busy_seconds() - b0 < CONTENDED_CORES or time.perf_counter() - t0 >= limit:
             break  # this process is idle meanwhile, so all the CPU counted is someone else's
     waited = time.perf_counter() - t0
     _QUIET_LEFT[0] -= waited
@@ -256,13 +217,13 @@ def run_stage(stage: str, **kwargs) -> dict:
     while someone else was computing can be flagged.
     """
     waited = wait_for_quiet()
-    busy0 = _busy_seconds()
+    busy0 = busy_seconds()
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         out = pool.submit(_child_main, stage, kwargs, THREADS).result()
     out["wall_s"] = time.perf_counter() - t0
     out["waited_s"] = waited
-    busy1 = _busy_seconds()
+    busy1 = busy_seconds()
     if busy0 is not None and busy1 is not None:
         # wall_s > 0 guards the division; the parent's own CPU (waiting on the child) is negligible
         out["others_cores"] = max(0.0, busy1 - busy0 - out["cpu_s"]) / max(out["wall_s"], 1e-9)
@@ -462,7 +423,7 @@ def stage_npload(device: str, folder: str, repeats: int, warmup: int = 1) -> dic
     return {"seconds": med, "times": times, "rows": rows, "bytes": sum(a.nbytes for a in result["arrays"])}
 
 
-def _plain_ce_loop(train, device: str, epochs: int, batch_size: int, lr: float, weight_decay: float):
+def plain_ce_loop(train, device: str, epochs: int, batch_size: int, lr: float, weight_decay: float):
     """The baseline: a plain torch loop, ``nn.Linear`` + ``F.cross_entropy``, SGD (momentum 0.9),
     a random permutation per epoch, the same epochs / batch size / lr / weight decay as the heads,
     on the same train features (moved to the device inside the timed region, as the heads do; no
@@ -525,8 +486,8 @@ def stage_head(device: str, url: str, name: str, epochs: int | None, repeats: in
     params = _head_params(device, epochs)
     inner = _inner_params(make_method(name, dict(params)))
     fit_head = lambda: make_method(name, dict(params)).fit(train, val)  # noqa: E731
-    fit_base = _plain_ce_loop(train, device, int(inner["epochs"]), int(inner["batch_size"]), float(inner["lr"]),
-                              float(inner["weight_decay"]))
+    fit_base = plain_ce_loop(train, device, int(inner["epochs"]), int(inner["batch_size"]), float(inner["lr"]),
+                             float(inner["weight_decay"]))
     for _ in range(warmup):
         fit_head()
         if paired:
@@ -568,7 +529,7 @@ def stage_plain_ce(device: str, url: str, epochs: int, batch_size: int, lr: floa
 
     sets = _read_all(url)
     train, test = sets["train"], sets["test"]
-    fit = _plain_ce_loop(train, device, epochs, batch_size, lr, weight_decay)
+    fit = plain_ce_loop(train, device, epochs, batch_size, lr, weight_decay)
     holder = {}
 
     def run():
@@ -597,85 +558,6 @@ def stage_evaluate(device: str, url: str, logits_path: str, repeats: int) -> dic
     return {"seconds": med, "times": times, "rows": int(logits.shape[0]), "classes": int(logits.shape[1])}
 
 
-# ------------------------------------------------------------------------- synthetic ImageNet-LT
-def _bisect(f, lo: float, hi: float, iters: int = 200) -> float:
-    f_lo = f(lo)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if (f(mid) > 0) == (f_lo > 0):
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def synthetic_class_sizes(num_classes: int = SYN_CLASSES, total: int = SYN_TRAIN, n_max: int = SYN_MAX,
-                          n_min: int = SYN_MIN):
-    """Per-class train counts: a monotone Pareto (Lomax) profile with exact max, min and sum.
-
-    ``n(i) = n_max * (1 + i / k) ** (-a)`` for ranks ``i = 0 .. C-1``: ``a = ln(n_max / n_min) /
-    ln(1 + (C-1) / k)`` pins ``n(0) = n_max`` and ``n(C-1) = n_min``; the scale ``k`` is solved by
-    bisection so that the real-valued sizes sum to ``total``. Rounding by largest remainder (floor
-    every size, give the missing units to the largest fractional parts, ties to the lower rank)
-    keeps the sum exact and the profile non-increasing. For ImageNet-LT's numbers
-    (C = 1000, 115,846 images, 1,280..5) this gives k ~ 180.4, a ~ 2.954.
-    """
-    import numpy as np
-
-    ranks = np.arange(num_classes, dtype=np.float64)
-
-    def real(k: float) -> np.ndarray:
-        a = math.log(n_max / n_min) / math.log1p((num_classes - 1) / k)
-        return n_max * (1.0 + ranks / k) ** (-a)
-
-    k = _bisect(lambda k: real(k).sum() - total, 1e-3, 1e7)
-    x = real(k)
-    sizes = np.floor(x).astype(np.int64)
-    missing = int(total - sizes.sum())
-    frac = x - sizes
-    order = np.lexsort((ranks, -frac))  # largest fraction first, then lowest rank
-    sizes[order[:missing]] += 1
-    if not (sizes.sum() == total and sizes[0] == n_max and sizes[-1] == n_min and (np.diff(sizes) <= 0).all()):
-        raise RuntimeError(f"synthetic profile failed its own checks (sum {sizes.sum()}, max {sizes[0]}, "
-                           f"min {sizes[-1]})")  # a bug in this function, not user input
-    return sizes, {"k": k, "a": math.log(n_max / n_min) / math.log1p((num_classes - 1) / k)}
-
-
-def _synthetic_labels(split: str):
-    import numpy as np
-
-    if split == "train":
-        sizes, _ = synthetic_class_sizes()
-    else:
-        per = SYN_VAL_PER_CLASS if split == "val" else SYN_TEST_PER_CLASS
-        sizes = np.full(SYN_CLASSES, per, dtype=np.int64)
-    labels = np.repeat(np.arange(SYN_CLASSES, dtype=np.int64), sizes)
-    rng = np.random.default_rng([SYN_SEED, 100 + SYN_SPLIT_IDS[split]])
-    return labels[rng.permutation(len(labels))]
-
-
-def _synthetic_means():
-    import numpy as np
-
-    rng = np.random.default_rng([SYN_SEED, 0])
-    means = rng.standard_normal((SYN_CLASSES, SYN_DIM), dtype=np.float32)
-    means *= np.float32(SYN_MEAN_SCALE)
-    return means
-
-
-def _synthetic_chunks(split: str, means, labels):
-    """Yields ``(start, features (n, D) float32, labels (n,))``; chunk ``j`` of a split has its own
-    seeded generator, so any process regenerates the same bytes."""
-    import numpy as np
-
-    for j, start in enumerate(range(0, len(labels), SYN_CHUNK_ROWS)):
-        lab = labels[start:start + SYN_CHUNK_ROWS]
-        rng = np.random.default_rng([SYN_SEED, 1 + SYN_SPLIT_IDS[split], j])
-        x = rng.standard_normal((len(lab), SYN_DIM), dtype=np.float32)
-        x += means[lab]
-        yield start, x, lab
-
-
 def stage_synth_write(device: str, workdir: str) -> dict:
     """Generate the synthetic set chunk by chunk and write it with FeatureStoreWriter; only the
     writer calls are timed (generation is reported separately)."""
@@ -684,8 +566,8 @@ def stage_synth_write(device: str, workdir: str) -> dict:
     from storage.featurestore import FeatureStoreWriter
 
     sizes, profile = synthetic_class_sizes()
-    means = _synthetic_means()
-    labels = {s: _synthetic_labels(s) for s in SYN_SPLIT_IDS}
+    means = synthetic_means()
+    labels = {s: synthetic_labels(s) for s in SYN_SPLIT_IDS}
     spec = {"name": SYNTH, "classes": SYN_CLASSES, "dim": SYN_DIM, "seed": SYN_SEED, "scale": SYN_MEAN_SCALE}
     url = os.path.join(workdir, "synthetic.zarr")
     write_s = gen_s = 0.0
@@ -701,7 +583,7 @@ def stage_synth_write(device: str, workdir: str) -> dict:
         t0 = time.perf_counter()
         w.begin_split(split)
         write_s += time.perf_counter() - t0
-        chunks = _synthetic_chunks(split, means, lab)
+        chunks = synthetic_chunks(split, means, lab)
         while True:
             t0 = time.perf_counter()
             item = next(chunks, None)
@@ -733,16 +615,14 @@ def stage_synth_npsave(device: str, workdir: str) -> dict:
     split at a time), then saved (timed)."""
     import numpy as np
 
-    means = _synthetic_means()
+    means = synthetic_means()
     out = os.path.join(workdir, "synthetic_npy")
     os.makedirs(out, exist_ok=True)
     save_s = 0.0
     rows = nbytes = 0
     for split in SYN_SPLIT_IDS:
-        lab = _synthetic_labels(split)
-        feats = np.empty((len(lab), SYN_DIM), dtype=np.float32)
-        for start, x, _ in _synthetic_chunks(split, means, lab):
-            feats[start:start + len(x)] = x
+        lab = synthetic_labels(split)
+        feats = synthetic_features(split, lab, means)
         index = np.arange(len(lab), dtype=np.int64)
         t0 = time.perf_counter()
         np.save(os.path.join(out, f"{split}_features.npy"), feats)
@@ -780,19 +660,10 @@ def machine_facts(device: str) -> dict:
     from stages.device import resolve_device
 
     dev = resolve_device(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     facts = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu,
-        "cores": _cores(),
+        "cpu": cpu_name(),
+        "cores": cores(),
         "torch_threads": THREADS,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -897,14 +768,6 @@ def bench_synthetic(workdir: str, device: str, heads: list[str], epochs: int, re
 
 
 # ------------------------------------------------------------------------------- rendering
-def fmt_s(sec: float) -> str:
-    if sec < 1e-3:
-        return f"{sec * 1e6:.0f} µs"
-    if sec < 1:
-        return f"{sec * 1e3:.3g} ms"
-    return f"{sec:.3g} s" if sec < 100 else f"{sec:.0f} s"
-
-
 def fmt_n(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
@@ -1118,7 +981,7 @@ def write_readme(table: str) -> None:
     """Replace only the text between the markers (README.md is re-read right before writing)."""
     from readme import write_section  # benchmarks/readme.py (this folder is on sys.path)
 
-    write_section(START_MARKER, END_MARKER, table, README, if_missing=_append_performance)
+    write_section(START_MARKER, END_MARKER, table, if_missing=_append_performance)
 
 
 def parse_args(argv=None):
@@ -1149,7 +1012,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     t_start = time.perf_counter()
-    THREADS = args.threads or _cores()
+    THREADS = args.threads or cores()
     QUIET_WAIT_S = max(0.0, args.quiet_wait)
     workdir = tempfile.mkdtemp(prefix="longtail-bench-")
     for var, sub in (("TMPDIR", "tmp"), ("MPLCONFIGDIR", "mpl"), ("PREFECT_HOME", "prefect")):

@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -50,10 +49,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-import bench_stages as bs  # noqa: E402  (its module level is the standard library only)
+from benchlib import busy_seconds, cores, cpu_name, fmt_s, own_cpu_s, synthetic_features, synthetic_labels  # noqa: E402
 from readme import write_section  # noqa: E402
 
-README = os.path.join(REPO, "README.md")
 START_MARKER = "<!-- table-bench:start -->"
 END_MARKER = "<!-- table-bench:end -->"
 COMMAND = "nice python benchmarks/bench_tables.py --write-readme"
@@ -78,29 +76,18 @@ def make_100k_512(seed: int = 0):
 
 
 def make_imagenet_lt():
-    import numpy as np
-
-    labels = bs._synthetic_labels("train")
-    x = np.empty((len(labels), bs.SYN_DIM), dtype=np.float32)
-    for start, chunk, _ in bs._synthetic_chunks("train", bs._synthetic_means(), labels):
-        x[start:start + len(chunk)] = chunk
-    return x
+    return synthetic_features("train", synthetic_labels("train"))
 
 
 # ===================================================================================== timing
-def _own_cpu() -> float:
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime
-
-
 def timed(fn):
     """``(result, seconds, cores the rest of the machine used meanwhile)``."""
-    busy0, own0, t0 = bs._busy_seconds(), _own_cpu(), time.perf_counter()
+    busy0, own0, t0 = busy_seconds(), own_cpu_s(), time.perf_counter()
     out = fn()
     dt = time.perf_counter() - t0
     others = None
     if busy0 is not None:
-        others = max(0.0, (bs._busy_seconds() - busy0) - (_own_cpu() - own0)) / dt
+        others = max(0.0, (busy_seconds() - busy0) - (own_cpu_s() - own0)) / dt
     return out, dt, others
 
 
@@ -200,13 +187,7 @@ def machine_facts() -> dict:
     import numpy as np
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": bs._cores(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": cores(),
             "faiss_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
             "numpy": np.__version__, "load_before": os.getloadavg()[0], "gpus": faiss.get_num_gpus()}
@@ -246,15 +227,15 @@ def render(facts: dict, sets: list[dict], k: int, chunk: int, total_s: float) ->
             notes.append(f"† {label}: measured on the first {f['queries']:,} query rows against all "
                          f"{s['n']:,} rows ({f['measured_s']:.0f} s for faiss, {t['measured_s']:.0f} s for the "
                          f"baseline), extrapolated to {s['n']:,} query rows.")
-        lines.append(f"| {label} | exact (`flat`){extra} | {bs.fmt_s(f['seconds'])} | "
+        lines.append(f"| {label} | exact (`flat`){extra} | {fmt_s(f['seconds'])} | "
                      f"**{f['seconds'] / t['seconds']:.2f}x** | 1 (exact) | {_load(f['others'])} |")
-        lines.append(f"| {label} | torch brute force (baseline){extra} | {bs.fmt_s(t['seconds'])} | 1.00x | "
+        lines.append(f"| {label} | torch brute force (baseline){extra} | {fmt_s(t['seconds'])} | 1.00x | "
                      f"1 (exact) | {_load(t['others'])} |")
         for index in ("ivf", "hnsw"):
             if index in s:
                 a = s[index]
                 p = ", ".join(f"{k_}={v}" for k_, v in a["params"].items())
-                lines.append(f"| {label} | `{index}` ({p}) | {bs.fmt_s(a['seconds'])} | "
+                lines.append(f"| {label} | `{index}` ({p}) | {fmt_s(a['seconds'])} | "
                              f"**{a['seconds'] / t['seconds']:.2f}x** | {a['recall']:.3f} | {_load(a['others'])} |")
         notes.append(f"{label}: faiss and the baseline agree to {s['max_sim_diff']:.1e} in similarity; "
                      f"{100 * s['same_indices']:.2f}% of the neighbour indices are identical (the rest are "
@@ -296,14 +277,14 @@ def main(argv=None) -> int:
         table = render(saved["facts"], saved["sets"], saved["k"], saved["chunk_rows"], saved["total_s"])
         print(table)
         if args.write_readme:
-            write_section(START_MARKER, END_MARKER, table, README)
+            write_section(START_MARKER, END_MARKER, table)
         return 0
     import torch
     import tqdm.auto  # noqa: F401  (imports are not timed)
 
     import stages.neighbours  # noqa: F401
 
-    torch.set_num_threads(args.threads or bs._cores())
+    torch.set_num_threads(args.threads or cores())
     sets = [s for s in args.sets.split(",") if s]
     bad = [s for s in sets if s not in SETS]
     if bad:
@@ -323,7 +304,7 @@ def main(argv=None) -> int:
     table = render(facts, results, args.k, args.chunk_rows, total_s)
     print(table)
     if args.write_readme:
-        write_section(START_MARKER, END_MARKER, table, README)
+        write_section(START_MARKER, END_MARKER, table)
     return 0
 
 

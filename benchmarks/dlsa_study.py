@@ -31,11 +31,11 @@ same accuracies), and nothing in it asserts a time. Four parts:
    samples the filter sends out) against the tail share of the train split.
 4. **Timing** on the ImageNet-LT-shaped synthetic train features of ``bench_stages.py``
    (115,846 x 2,048 float32, 1,000 classes, 1,280 -> 5; generated chunk by chunk with that
-   script's seeded generator, imported, not copied): one filter for one epoch
+   script's seeded generator, ``benchlib.py``, imported, not copied): one filter for one epoch
    (``num_filters = 1``, ``flow_epochs = 1``, the other cascade parameters default), reported as
    seconds per filter epoch and as the whole ``FlowCascade.fit``; the default cascade (3 filters x
    30 epochs) is **extrapolated** from them, not measured. The baseline is one epoch of a plain
-   torch linear head with cross-entropy over the same features (``bench_stages._plain_ce_loop``:
+   torch linear head with cross-entropy over the same features (``bench_stages.plain_ce_loop``:
    ``nn.Linear`` + ``F.cross_entropy``, SGD with momentum, batch 256 as the flow's batches).
 
 Threads: ``--threads`` and ``--timing-threads`` (default 1 each). On a shared 2-core machine a
@@ -53,8 +53,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import resource
 import sys
 import time
 
@@ -67,8 +65,10 @@ for _p in (REPO, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import bench_stages as bench  # noqa: E402  (the ImageNet-LT-shaped generator and the plain-CE loop)
-from readme import write_section  # noqa: E402
+from bench_stages import plain_ce_loop  # noqa: E402  (the plain-CE baseline of the stage benchmark)
+from benchlib import (  # noqa: E402  (the ImageNet-LT-shaped generator, cores and load)
+    SYN_CLASSES, busy_seconds, cores, cpu_name, own_cpu_s, synthetic_features, synthetic_labels)
+from readme import README, write_section  # noqa: E402
 
 import stages.dlsa as dlsa  # noqa: E402
 from stages.base import make_method  # noqa: E402
@@ -77,7 +77,6 @@ from stages.datasets import exponential_profile  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY  # noqa: E402
 
-README = os.path.join(REPO, "README.md")
 START_MARKER = "<!-- dlsa-study:start -->"
 END_MARKER = "<!-- dlsa-study:end -->"
 HEADING = "### DLSA on synthetic features"
@@ -103,15 +102,15 @@ class Clock:
 
     def __enter__(self) -> "Clock":
         _sync()
-        self.busy0 = bench._busy_seconds()
-        self.own0 = _own_cpu()
+        self.busy0 = busy_seconds()
+        self.own0 = own_cpu_s()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         _sync()
         self.seconds = time.perf_counter() - self.t0
-        busy1, own1 = bench._busy_seconds(), _own_cpu()
+        busy1, own1 = busy_seconds(), own_cpu_s()
         self.others = None
         if self.busy0 is not None and busy1 is not None and self.seconds > 0.05:  # guards the division
             self.others = max(0.0, busy1 - self.busy0 - (own1 - self.own0)) / self.seconds
@@ -121,11 +120,6 @@ def _sync() -> None:
     """Wait for queued GPU work, so that a block's time includes it (a no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _own_cpu() -> float:
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime
 
 
 def _log(msg: str) -> None:
@@ -272,13 +266,10 @@ def imagenet_lt_train(max_rows: int | None = None) -> tuple[FeatureSet, float]:
     chunk from its seeded generator (float32, no second copy); ``max_rows`` keeps the first rows
     (``--quick`` only). Returns the split and the generation seconds."""
     t0 = time.perf_counter()
-    labels = bench._synthetic_labels("train")
-    means = bench._synthetic_means()
+    labels = synthetic_labels("train")
     n = len(labels) if max_rows is None else min(len(labels), int(max_rows))
-    features = np.empty((n, bench.SYN_DIM), dtype=np.float32)
-    for start, x, _ in bench._synthetic_chunks("train", means, labels[:n]):
-        features[start:start + len(x)] = x
-    counts = np.bincount(labels[:n], minlength=bench.SYN_CLASSES)
+    features = synthetic_features("train", labels[:n])
+    counts = np.bincount(labels[:n], minlength=SYN_CLASSES)
     if max_rows is not None:  # a truncated split may miss a class; keep the classes it has
         keep = counts > 0
         remap = np.cumsum(keep) - 1
@@ -323,8 +314,7 @@ def run_timing(device: str, threads: int, quick: bool) -> dict:
     _log(f"    {c_route.seconds:.1f} s")
 
     _log("[4] plain linear CE head, 1 epoch ...")
-    fit_plain = bench._plain_ce_loop(train, device, epochs=1, batch_size=BATCH_SIZE, lr=LR,
-                                     weight_decay=WEIGHT_DECAY)
+    fit_plain = plain_ce_loop(train, device, epochs=1, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY)
     with Clock() as c_plain:
         fit_plain()
     _log(f"    {c_plain.seconds:.1f} s")
@@ -345,17 +335,6 @@ def run_timing(device: str, threads: int, quick: bool) -> dict:
 
 
 # ============================================================================== 5. report
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _change(before: float, after: float) -> str:
     """How a diagnostic moved, in words a reader can check against the table."""
     d = after - before
@@ -536,7 +515,7 @@ def render(acc: dict, abl: list[dict], tim: dict | None, args, total_s: float) -
         "",
         paragraph(acc, abl),
         "",
-        f"Measured on {_cpu_name()} ({bench._cores()} cores shared with other work; the load column is the CPU the "
+        f"Measured on {cpu_name()} ({cores()} cores shared with other work; the load column is the CPU the "
         f"rest of the machine used meanwhile), {args.threads} torch thread(s) for the study, torch "
         f"{torch.__version__}; the whole script took {total_s / 60:.1f} min. `{COMMAND}` regenerates this section; "
         f"times vary with the machine's load, accuracies do not.",
@@ -570,7 +549,7 @@ def write_readme(section: str) -> None:
     after the line containing ``perf-table:end`` and the next non-blank line (the performance
     table's caption), or appended at the end when there is no performance table.
     """
-    write_section(START_MARKER, END_MARKER, section, README, if_missing=_insert_section)
+    write_section(START_MARKER, END_MARKER, section, if_missing=_insert_section)
 
 
 # ============================================================================== driver

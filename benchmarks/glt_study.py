@@ -44,7 +44,6 @@ from pipeline.config import parse_config  # noqa: E402
 from readme import write_section  # noqa: E402
 from stages.base import known_methods  # noqa: E402
 
-README = os.path.join(REPO, "README.md")
 START_MARKER = "<!-- glt-study:start -->"
 END_MARKER = "<!-- glt-study:end -->"
 COMMAND = "python benchmarks/glt_study.py --write-readme"
@@ -149,7 +148,7 @@ def write_readme(text: str) -> None:
                 return text.replace(tag, f"{tag}\n{kept}", 1)
         return text
 
-    write_section(START_MARKER, END_MARKER, keep_findings, README)
+    write_section(START_MARKER, END_MARKER, keep_findings)
 
 
 def main() -> None:
