@@ -84,12 +84,17 @@ def _pct(v, digits: int = 2) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.{digits}f}"
 
 
+def _echo_table(columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
+    """A fixed-width table, ``(title, width)`` per column: the first column left-aligned, the
+    others right-aligned."""
+    for row in [[title for title, _ in columns], *rows]:
+        typer.echo("".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, (_, w)) in enumerate(zip(row, columns))))
+
+
 def _summary(metrics: dict, out: str) -> None:
-    rows = metrics["methods"]
-    typer.echo(f"{'method':<22}{'overall':>9}{'balanced':>10}{'many':>8}{'medium':>8}{'few':>8}{'ece':>8}")
-    for name, m in rows.items():
-        typer.echo(f"{name:<22}{_pct(m['overall']):>9}{_pct(m['balanced_accuracy']):>10}"
-                   f"{_pct(m['many']):>8}{_pct(m['medium']):>8}{_pct(m['few']):>8}{m['ece']:>8.4f}")
+    _echo_table([("method", 22), ("overall", 9), ("balanced", 10), ("many", 8), ("medium", 8), ("few", 8), ("ece", 8)],
+                [[name, _pct(m["overall"]), _pct(m["balanced_accuracy"]), _pct(m["many"]), _pct(m["medium"]),
+                  _pct(m["few"]), f"{m['ece']:.4f}"] for name, m in metrics["methods"].items()])
     typer.echo(f"report: {os.path.join(out, 'report.md')} (and report.html); metrics: {os.path.join(out, 'metrics.json')}")
 
 
@@ -246,10 +251,9 @@ def calibrate(
 
     cfg = load_config(config)
     res = runner.run_calibrate(cfg, target, how=method, split=split, out_dir=out)
-    typer.echo(f"{'method':<22}{'as is':>9}{'estimated':>11}{'true':>9}")
-    for name, m in res["methods"].items():
-        typer.echo(f"{name:<22}{_pct(m['accuracy_uncompensated']):>9}{_pct(m['accuracy_estimated_prior']):>11}"
-                   f"{_pct(m['accuracy_true_prior']):>9}")
+    _echo_table([("method", 22), ("as is", 9), ("estimated", 11), ("true", 9)],
+                [[name, _pct(m["accuracy_uncompensated"]), _pct(m["accuracy_estimated_prior"]),
+                  _pct(m["accuracy_true_prior"])] for name, m in res["methods"].items()])
     typer.echo(f"estimated prior ({method}, {res['split']}): " + ", ".join(f"{p:.3f}" for p in res["estimated_prior"]))
     typer.echo(f"written: {os.path.join(out or cfg.output, 'calibration.json')}")
 
@@ -275,12 +279,10 @@ def dlsa_diagnostics(
             raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
         params[key.strip()] = yaml.safe_load(value)
     res = runner.run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
-    typer.echo(f"{'store':<40}{'filter':>7}{'tail in':>9}{'separation':>12}{'entropy':>9}{'purity':>8}")
-    for url, diag in res["stores"].items():
-        for f in diag["filters"]:
-            ratio = f["cluster_size_entropy_ratio"]
-            typer.echo(f"{url[-40:]:<40}{f['filter']:>7}{_pct(f['tail_share_in'], 1):>9}{_pct(f['separation_accuracy'], 1):>12}"
-                       f"{'n/a' if ratio is None else f'{ratio:.3f}':>9}{f['mean_purity']:>8.3f}")
+    _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8)],
+                [[url[-40:], str(f["filter"]), _pct(f["tail_share_in"], 1), _pct(f["separation_accuracy"], 1),
+                  "n/a" if f["cluster_size_entropy_ratio"] is None else f"{f['cluster_size_entropy_ratio']:.3f}",
+                  f"{f['mean_purity']:.3f}"] for url, diag in res["stores"].items() for f in diag["filters"]])
     typer.echo(f"written: {os.path.join(out, 'dlsa_diagnostics.json')}")
 
 
@@ -297,11 +299,9 @@ def glt(
 
     cfg = load_config(config)
     res = g.run_protocols(cfg, g.parse_protocols(protocols), run=lambda c: _run(c, prefect))
-    head = "".join(f"{p.upper() + ' acc':>10}{'worst':>8}" for p in res["protocols"])
-    typer.echo(f"{'method':<22}{head}")
-    for name, per in res["methods"].items():
-        typer.echo(f"{name:<22}" + "".join(f"{_pct(per[p]['accuracy']):>10}{_pct(per[p]['worst_group']):>8}"
-                                           for p in res["protocols"]))
+    _echo_table([("method", 22)] + [c for p in res["protocols"] for c in ((p.upper() + " acc", 10), ("worst", 8))],
+                [[name] + [v for p in res["protocols"] for v in (_pct(per[p]["accuracy"]), _pct(per[p]["worst_group"]))]
+                 for name, per in res["methods"].items()])
     typer.echo(f"report: {res['report']['md']} (and glt.html); summary: {os.path.join(cfg.output, 'glt.json')}")
 
 
