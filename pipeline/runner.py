@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,9 +151,9 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.dataset is None:
         if status != "complete":
             raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
-        _complete_store(cfg, None, None)
-        validate_methods(cfg, open_store(cfg.store, storage_options=cfg.storage_options).num_classes)
-        glt.use_groups(cfg, open_store(cfg.store, storage_options=cfg.storage_options).has_attributes("test"), f"store {cfg.store!r}")
+        fs = open_store(cfg.store, storage_options=cfg.storage_options)
+        validate_methods(cfg, fs.num_classes)
+        glt.use_groups(cfg, fs.has_attributes("test"), f"store {cfg.store!r}")
         return
     ds, key = _planned_key(cfg)  # also loads a user backbone, so an unreadable file fails here
     validate_methods(cfg, ds.num_classes)
@@ -231,7 +231,7 @@ def split_wrappers(name: str) -> tuple[str, list[str]]:
     """``ce+pc`` -> (``ce``, [``pc``]): the fitted part and the post-hoc suffix wrappers."""
     parts = name.split("+")
     suffixes: list[str] = []
-    while len(parts) > 1 and parts[-1] in SUFFIX_WRAPPERS and parts[-2] not in ():
+    while len(parts) > 1 and parts[-1] in SUFFIX_WRAPPERS:
         suffixes.insert(0, parts.pop())
     return "+".join(parts), suffixes
 
@@ -254,6 +254,12 @@ def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
     method = make_method(spec.name, spec.params)
     params = _resolved_params(cfg, spec, method)
     return make_method(spec.name, params), params
+
+
+def planned_method(cfg: RunConfig, spec: MethodSpec, store_fingerprint: str) -> tuple[Method, dict, str]:
+    """``spec``'s method, its resolved parameters and the key of its artifact on that store."""
+    method, params = build_method(cfg, spec)
+    return method, params, method_key(store_fingerprint, spec.name, params, method)
 
 
 def _without_device(params: dict) -> dict:
@@ -306,8 +312,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     runs the wrapper on top of it.
     """
     artifacts = artifact_store(cfg)
-    method, params = build_method(cfg, spec)
-    key = method_key(store.fingerprint, spec.name, params, method)
+    method, params, key = planned_method(cfg, spec, store.fingerprint)
     if artifacts.exists("method", key) and not force:
         meta = artifacts.read_meta("method", key)
         return MethodResult(spec.name, key, True, meta["fit_seconds"], params)
@@ -316,6 +321,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     val = fs.read("val") if "val" in fs.splits else None
     base_name, suffixes = split_wrappers(spec.name)
     t0 = time.perf_counter()
+    train = None
     if suffixes:
         base_params = {k: v for k, v in spec.params.items() if k not in suffixes}
         base_res = run_method(cfg, MethodSpec(name=base_name, params=base_params), store, force=False)
@@ -327,16 +333,20 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
                                params={k: v for k, v in spec.params.items() if k != "dlsa"})
         head_res = run_method(cfg, head_spec, store, force=False)
         method.base = load_method(cfg, head_res.key)
-        cascade_res = run_dlsa_cascade(cfg, spec, store)
+        train = fit_split(method, fs)  # read once, for the fit and for a cascade still to fit
+        cascade_res = run_dlsa_cascade(cfg, spec, store, train=train if needs_full_split(method) else None)
         method.set_cascade(load_cascade(cfg, method, cascade_res.key))
         t0 = time.perf_counter() - head_res.fit_seconds - cascade_res.fit_seconds
     else:
         from pipeline import tables  # (pipeline.tables imports this module)
         if tables.table_user(method) is not None:  # the neighbour table: an artifact of its own, shared
-            t0 = time.perf_counter() - tables.attach_table(cfg, spec, method, store)
-    t_read = time.perf_counter()
-    train = fit_split(method, fs)  # in full, or the class means for a wrapper of a fitted base
-    t0 += time.perf_counter() - t_read  # reading is not fitting
+            train = fit_split(method, fs)  # read once, for the fit and for a table still to build
+            t0 = time.perf_counter() - tables.attach_table(
+                cfg, spec, method, store, train=train if needs_full_split(method) else None)
+    if train is None:
+        t_read = time.perf_counter()
+        train = fit_split(method, fs)  # in full, or the class means for a wrapper of a fitted base
+        t0 += time.perf_counter() - t_read  # reading is not fitting
     method.fit(train, val)
     fit_seconds = time.perf_counter() - t0
     files = {"state.safetensors": save_tensors(method.state_dict()),
@@ -398,23 +408,39 @@ def _cascade_key(store_fingerprint: str, method: DLSA) -> str:
                        method_code_version(method))
 
 
-def run_dlsa_cascade(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
-    """Fit (or reuse) the DLSA flow cascade of a ``dlsa+<head>`` spec: one artifact per store and
-    cascade parameters, whatever the wrapped head (paper 004 reuses one filter for all classifiers)."""
-    method, params = build_method(cfg, spec)
-    dlsa = method if isinstance(method, DLSA) else _find_dlsa(method)
-    key = _cascade_key(store.fingerprint, dlsa)
+def train_artifact(cfg: RunConfig, store: StoreInfo, kind: str, key: str, name: str,
+                   fit: Callable[[FeatureSet], Any], pack: Callable[[Any], tuple[dict, dict]], *,
+                   seconds_field: str = "fit_seconds", params: dict | None = None, force: bool = False,
+                   train: FeatureSet | None = None) -> MethodResult:
+    """A keyed stage fitted on the store's train split (a DLSA cascade, a neighbour table): reuse
+    the artifact ``kind``/``key`` unless ``force``, else read the split (unless given as ``train``),
+    time ``fit(train)`` and write ``pack(fitted) -> (files, meta)`` with the time in
+    ``meta[seconds_field]``; the result's ``fit_seconds`` is that time, recorded or measured."""
     artifacts = artifact_store(cfg)
-    if artifacts.exists("dlsa-cascade", key) and not force:
-        return MethodResult(spec.name, key, True, artifacts.read_meta("dlsa-cascade", key)["fit_seconds"])
-    train = open_store(store.url, storage_options=cfg.storage_options).read("train")
+    if artifacts.exists(kind, key) and not force:
+        return MethodResult(name, key, True, artifacts.read_meta(kind, key)[seconds_field], params or {})
+    if train is None:
+        train = open_store(store.url, storage_options=cfg.storage_options).read("train")
     t0 = time.perf_counter()
-    cascade = dlsa.make_cascade().fit(train)
+    fitted = fit(train)
     seconds = time.perf_counter() - t0
-    artifacts.write("dlsa-cascade", key, {"cascade.safetensors": save_tensors(cascade.state_dict())},
-                    {"params": _without_device(dlsa.cascade_params()), "fit_seconds": seconds,
-                     "store_fingerprint": store.fingerprint})
-    return MethodResult(spec.name, key, False, seconds)
+    files, meta = pack(fitted)
+    artifacts.write(kind, key, files, meta | {seconds_field: seconds})
+    return MethodResult(name, key, False, seconds, params or {})
+
+
+def run_dlsa_cascade(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False,
+                     train: FeatureSet | None = None) -> MethodResult:
+    """Fit (or reuse) the DLSA flow cascade of a ``dlsa+<head>`` spec: one artifact per store and
+    cascade parameters, whatever the wrapped head (paper 004 reuses one filter for all classifiers);
+    ``train``: the store's train split, when the caller has read it already."""
+    dlsa = _find_dlsa(build_method(cfg, spec)[0])
+    return train_artifact(
+        cfg, store, "dlsa-cascade", _cascade_key(store.fingerprint, dlsa), spec.name,
+        lambda train: dlsa.make_cascade().fit(train),
+        lambda cascade: ({"cascade.safetensors": save_tensors(cascade.state_dict())},
+                         {"params": _without_device(dlsa.cascade_params()), "store_fingerprint": store.fingerprint}),
+        force=force, train=train)
 
 
 def load_cascade(cfg: RunConfig, method: DLSA, key: str) -> FlowCascade:
@@ -488,6 +514,16 @@ def evaluate_inputs(cfg: RunConfig, store: StoreInfo, results: list[MethodResult
             "code_version": evaluate_code_version()}
 
 
+def evaluate_key(inputs: dict) -> str:
+    """The key of ``metrics.json`` written from ``inputs`` (:func:`evaluate_inputs`)."""
+    return stable_hash("evaluate", inputs)
+
+
+def recorded_evaluate(metrics: dict | None) -> dict:
+    """``lineage.evaluate`` (``{"key", "inputs"}``) of a ``metrics.json`` read back; {} when absent."""
+    return ((metrics or {}).get("lineage") or {}).get("evaluate") or {}
+
+
 def read_metrics(out_dir: str) -> dict | None:
     """``OUT/metrics.json`` of an earlier run, or None when absent or unreadable."""
     try:
@@ -506,9 +542,9 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
     from stages import evaluate as ev
 
     inputs = evaluate_inputs(cfg, store, results)
-    key = stable_hash("evaluate", inputs)
+    key = evaluate_key(inputs)
     previous = None if force else read_metrics(cfg.output)
-    if (previous is not None and (previous.get("lineage") or {}).get("evaluate", {}).get("key") == key
+    if (previous is not None and recorded_evaluate(previous).get("key") == key
             and os.path.isfile(os.path.join(cfg.output, "evaluation.npz"))):
         return previous
     fs = open_store(store.url, storage_options=cfg.storage_options)
@@ -913,9 +949,9 @@ def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = 
     for i, (cfg, info) in enumerate(zip(cfgs, infos)):
         spec = cfg.methods[0]
         method, resolved = build_method(cfg, spec)
-        res = run_dlsa_cascade(cfg, spec, info)
-        cascade = load_cascade(cfg, method, res.key)
-        diag = diagnostics(cascade, open_store(info.url, storage_options=cfg.storage_options).read("train"), method.tail_threshold)
+        train = open_store(info.url, storage_options=cfg.storage_options).read("train")  # once: fit and diagnostics
+        res = run_dlsa_cascade(cfg, spec, info, train=train)
+        diag = diagnostics(load_cascade(cfg, method, res.key), train, method.tail_threshold)
         diag["fit_seconds"] = res.fit_seconds
         out["params"] = _without_device(resolved["dlsa"])
         out["stores"][info.url] = diag

@@ -77,18 +77,18 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
 
 
 def _method_status(cfg: RunConfig, spec, fingerprint: str | None, upstream: dict,
-                   artifacts, previous: list[dict]) -> dict:
+                   artifacts, previous: list[dict]) -> tuple[dict, str | None]:
+    """(entry, the artifact key when the method is cached, else None)."""
     mine = [m for m in previous if m.get("name") == spec.name]
     if fingerprint is None:
         if mine:
-            return _entry(STALE, f"upstream {upstream['key']} is {upstream['state']}")
-        return _entry(MISSING, f"never fitted (upstream {upstream['key']} is {upstream['state']})")
-    method, params = runner.build_method(cfg, spec)
-    key = runner.method_key(fingerprint, spec.name, params, method)
+            return _entry(STALE, f"upstream {upstream['key']} is {upstream['state']}"), None
+        return _entry(MISSING, f"never fitted (upstream {upstream['key']} is {upstream['state']})"), None
+    method, params, key = runner.planned_method(cfg, spec, fingerprint)
     if artifacts.exists("method", key):
-        return _entry(CACHED, f"artifact {key}")
+        return _entry(CACHED, f"artifact {key}"), key
     if not mine:
-        return _entry(MISSING, "never fitted")
+        return _entry(MISSING, "never fitted"), None
     last = max(mine, key=lambda m: str(m.get("created", "")))
     reasons = []
     if last.get("store_fingerprint") != fingerprint:
@@ -98,7 +98,7 @@ def _method_status(cfg: RunConfig, spec, fingerprint: str | None, upstream: dict
         reasons.append("params changed: " + "; ".join(changed))
     if last.get("code_version") != runner.method_code_version(method):
         reasons.append("method code changed")
-    return _entry(STALE, ", ".join(reasons) or "its inputs changed")
+    return _entry(STALE, ", ".join(reasons) or "its inputs changed"), None
 
 
 def stage_status(cfg: RunConfig) -> dict:
@@ -111,13 +111,12 @@ def stage_status(cfg: RunConfig) -> dict:
     previous = [artifacts.read_meta("method", k) for k in artifacts.keys("method")]
     results = []
     for spec in cfg.methods:
-        m = _method_status(cfg, spec, fingerprint, upstream, artifacts, previous)
-        stages[f"method:{spec.name}"] = m
-        if m["state"] == CACHED:
-            results.append(runner.MethodResult(spec.name, m["reason"].removeprefix("artifact "), True, 0.0))
+        stages[f"method:{spec.name}"], key = _method_status(cfg, spec, fingerprint, upstream, artifacts, previous)
+        if key is not None:
+            results.append(runner.MethodResult(spec.name, key, True, 0.0))
 
     metrics = runner.read_metrics(cfg.output)
-    recorded = ((metrics or {}).get("lineage") or {}).get("evaluate") or {}
+    recorded = runner.recorded_evaluate(metrics)
     not_cached = [k for k, v in stages.items() if v["state"] != CACHED]
     if metrics is None:
         stages["evaluate"] = _entry(MISSING, f"no metrics.json in {cfg.output}")
@@ -126,7 +125,7 @@ def stage_status(cfg: RunConfig) -> dict:
     else:
         info = runner.StoreInfo(cfg.store, fingerprint, True)
         inputs = runner.evaluate_inputs(cfg, info, results)
-        if recorded.get("key") == runner.stable_hash("evaluate", inputs):
+        if recorded.get("key") == runner.evaluate_key(inputs):
             stages["evaluate"] = _entry(CACHED, f"metrics.json of {len(results)} methods")
         else:
             changed = diff_inputs(recorded.get("inputs") or {}, inputs)

@@ -22,8 +22,9 @@ import torch
 
 from pipeline.config import MethodSpec, RunConfig
 from pipeline.keys import stable_hash, table_code_version
-from pipeline.runner import MethodResult, StoreInfo, artifact_store, build_method
+from pipeline.runner import MethodResult, StoreInfo, artifact_store, build_method, train_artifact
 from stages.base import Method
+from stages.data import FeatureSet
 from stages.errors import LongtailError
 from stages.neighbours import METRICS, NeighbourTable, build_table, check_k, index_params, table_fingerprint
 from storage.artifacts import load_tensors, save_tensors
@@ -93,31 +94,30 @@ def table_key(store_fingerprint: str, decide: dict) -> str:
     return stable_hash(KIND, store_fingerprint, SPLIT, decide, table_code_version())
 
 
-def run_neighbour_table(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
+def run_neighbour_table(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False,
+                        train: FeatureSet | None = None) -> MethodResult:
     """Build (or reuse) the neighbour table that ``spec``'s method asks for, on the store's train
-    split; ``fit_seconds`` of the result is the build time (recorded when the table was built)."""
+    split (``train``, when the caller has read it already); ``fit_seconds`` of the result is the
+    build time (recorded when the table was built)."""
     method, _ = build_method(cfg, spec)
     user = table_user(method)
     if user is None:
         raise LongtailError(f"method {spec.name!r} uses no neighbour table")
-    fs = open_store(store.url, storage_options=cfg.storage_options)
-    build, decide = _table_args(user.table_params(), cfg, fs.num_rows(SPLIT), getattr(user, "seed", None))
-    key = table_key(store.fingerprint, decide)
-    artifacts = artifact_store(cfg)
-    if artifacts.exists(KIND, key) and not force:
-        return MethodResult(spec.name, key, True, artifacts.read_meta(KIND, key)["build_seconds"], decide)
-    train = fs.read(SPLIT)
-    t0 = time.perf_counter()
-    table = build_table(train.features, fingerprint=table_fingerprint(store.fingerprint, SPLIT), **build)
-    seconds = time.perf_counter() - t0
-    files = {FILE: save_tensors({"indices": torch.from_numpy(table.indices),
-                                 "similarities": torch.from_numpy(table.similarities)})}
-    artifacts.write(KIND, key, files, {
-        "params": decide, "k": table.k, "metric": table.metric, "index": table.index,
-        "fingerprint": table.fingerprint, "recall": table.recall, "rows": len(table),
-        "build_seconds": seconds, "store_fingerprint": store.fingerprint, "split": SPLIT,
-        "code_version": table_code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return MethodResult(spec.name, key, False, seconds, decide)
+    rows = open_store(store.url, storage_options=cfg.storage_options).num_rows(SPLIT)
+    build, decide = _table_args(user.table_params(), cfg, rows, getattr(user, "seed", None))
+
+    def pack(table: NeighbourTable) -> tuple[dict, dict]:
+        files = {FILE: save_tensors({"indices": torch.from_numpy(table.indices),
+                                     "similarities": torch.from_numpy(table.similarities)})}
+        return files, {"params": decide, "k": table.k, "metric": table.metric, "index": table.index,
+                       "fingerprint": table.fingerprint, "recall": table.recall, "rows": len(table),
+                       "store_fingerprint": store.fingerprint, "split": SPLIT,
+                       "code_version": table_code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    return train_artifact(
+        cfg, store, KIND, table_key(store.fingerprint, decide), spec.name,
+        lambda train: build_table(train.features, fingerprint=table_fingerprint(store.fingerprint, SPLIT), **build),
+        pack, seconds_field="build_seconds", params=decide, force=force, train=train)
 
 
 def load_table(cfg: RunConfig, key: str) -> NeighbourTable:
@@ -133,13 +133,14 @@ def load_table(cfg: RunConfig, key: str) -> NeighbourTable:
         raise LongtailError(f"{where}: corrupt neighbour table (no {e})") from e
 
 
-def attach_table(cfg: RunConfig, spec: MethodSpec, method: Method, store: StoreInfo) -> float:
-    """Hand the cached table (built first if needed) to the table user inside ``method``; returns
-    the table's build time. LongtailError when the stored table does not belong to this store's
-    train split or does not have the parameters the method asks for."""
+def attach_table(cfg: RunConfig, spec: MethodSpec, method: Method, store: StoreInfo,
+                 train: FeatureSet | None = None) -> float:
+    """Hand the cached table (built first if needed, from ``train`` when given) to the table user
+    inside ``method``; returns the table's build time. LongtailError when the stored table does not
+    belong to this store's train split or does not have the parameters the method asks for."""
     user = table_user(method)
     assert user is not None, "attach_table needs a method that uses a neighbour table"
-    res = run_neighbour_table(cfg, spec, store)
+    res = run_neighbour_table(cfg, spec, store, train=train)
     table = load_table(cfg, res.key)
     table.check_for(open_store(store.url, storage_options=cfg.storage_options).num_rows(SPLIT), table_fingerprint(store.fingerprint, SPLIT))
     got = {"k": table.k, "metric": table.metric, "index": table.index}
