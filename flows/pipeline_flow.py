@@ -55,17 +55,15 @@ def report_task(cfg: RunConfig, metrics: dict) -> tuple[str, str]:
 def stages_flow(cfg: RunConfig) -> dict:
     """The stage graph of one validated config, on the task runner given by ``with_options``."""
     store = extract_task(cfg)
-    heads, dlsa, wrapped = runner.method_waves(cfg)
-    table_specs = tables.table_specs(cfg)  # neighbour tables first, for the methods that use them
-    tables_done = [tables_task.submit(cfg, table_specs, store)] if table_specs else []
-    head_futures = [method_task.submit(cfg, s, store, wait_for=tables_done if tables.uses_table(cfg, s) else [])
-                    for s in heads] + tables_done
-    if dlsa:  # the cascades are fitted once, before the dlsa+<head> tasks that share them
-        head_futures.append(cascades_task.submit(cfg, dlsa, store))
-    # wrappers reuse their base's cached fit (and DLSA its cascade), so they wait for the heads
-    wrap_futures = [method_task.submit(cfg, s, store, wait_for=head_futures) for s in wrapped]
-    by_name = {r.name: r for r in (f.result() for f in head_futures + wrap_futures)
-               if isinstance(r, runner.MethodResult)}
+    plan = runner.method_plan(cfg)
+    # neighbour tables and DLSA cascades are built once each, before the methods that use them
+    tables_done = [tables_task.submit(cfg, plan.tables, store)] if plan.tables else []
+    head_futures = [method_task.submit(cfg, s, store, wait_for=tables_done if s.name in plan.table_users else [])
+                    for s in plan.heads]
+    prep = tables_done + ([cascades_task.submit(cfg, plan.cascades, store)] if plan.cascades else [])
+    # wrappers reuse their base's cached fit (and DLSA its cascade), so they wait for all of it
+    wrap_futures = [method_task.submit(cfg, s, store, wait_for=head_futures + prep) for s in plan.wrapped]
+    by_name = {r.name: r for r in (f.result() for f in head_futures + wrap_futures)}
     results = [by_name[s.name] for s in cfg.methods]
     metrics = evaluate_task(cfg, store, results)
     report_task(cfg, metrics)

@@ -394,13 +394,28 @@ def uses_dlsa(name: str) -> bool:
     return "dlsa" in name.split("+")
 
 
-def method_waves(cfg: RunConfig) -> tuple[list[MethodSpec], list[MethodSpec], list[MethodSpec]]:
-    """The schedule of the method stage: plain heads (independent), the specs whose DLSA cascades
-    must be fitted first (once per distinct set of cascade parameters), and the methods that reuse
-    a cached base or cascade (suffix wrappers and ``dlsa+<head>``), which run after both."""
-    dlsa = [s for s in cfg.methods if uses_dlsa(s.name)]
-    heads = [s for s in cfg.methods if not split_wrappers(s.name)[1] and s not in dlsa]
-    return heads, dlsa, [s for s in cfg.methods if s not in heads]
+@dataclass
+class MethodPlan:
+    """The schedule of the method stage: the neighbour tables and DLSA cascades to build first (one
+    spec per distinct set of parameters), the plain heads (independent; ``table_users`` wait for
+    the tables), and the methods that reuse a cached base or cascade (suffix wrappers and
+    ``dlsa+<head>``), which run after everything else."""
+
+    tables: list[MethodSpec]
+    cascades: list[MethodSpec]
+    heads: list[MethodSpec]
+    table_users: set[str]
+    wrapped: list[MethodSpec]
+
+
+def method_plan(cfg: RunConfig) -> MethodPlan:
+    from pipeline import tables  # (pipeline.tables imports this module)
+
+    cascades = [s for s in cfg.methods if uses_dlsa(s.name)]
+    heads = [s for s in cfg.methods if not split_wrappers(s.name)[1] and s not in cascades]
+    return MethodPlan(tables=tables.table_specs(cfg), cascades=cascades, heads=heads,
+                      table_users={s.name for s in heads if tables.uses_table(cfg, s)},
+                      wrapped=[s for s in cfg.methods if s not in heads])
 
 
 def _cascade_key(store_fingerprint: str, method: DLSA) -> str:
