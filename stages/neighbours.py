@@ -63,6 +63,8 @@ INDEX_PARAMS: dict[str, dict[str, int | None]] = {
     "ivf": {"nlist": None, "nprobe": 32},
     "hnsw": {"m": 32, "ef_construction": 40, "ef_search": 64},
 }
+#: feature entries per block of :func:`normalise`'s norms (bounds its temporaries to a few MB)
+_NORM_ELEMENTS = 1 << 20
 #: faiss' GPU k-selection handles at most this many neighbours per query
 _GPU_MAX_K = 2048
 
@@ -138,10 +140,18 @@ def normalise(features: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise LongtailError(f"neighbour table: features must be a non-empty (N, D) array, got shape {x.shape}")
     x = np.array(x, dtype=np.float32, order="C", copy=True)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise LongtailError(f"neighbour table: {int((~finite).sum())} row(s) have NaN or infinite features")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # norms a block of rows at a time: np.linalg.norm's (N, D) temporaries would double the memory
+    # of a large store and dominate the time (the same per-row reduction, so the same values)
+    norms = np.empty((x.shape[0], 1), dtype=np.float32)
+    step = max(1, _NORM_ELEMENTS // x.shape[1])
+    for start in range(0, x.shape[0], step):
+        norms[start:start + step] = np.linalg.norm(x[start:start + step], axis=1, keepdims=True)
+    # a NaN or infinite entry makes its row's norm non-finite; only those rows are checked entry-wise
+    # (a finite row can overflow to an infinite norm too)
+    suspect = np.flatnonzero(~np.isfinite(norms[:, 0]))
+    bad = int((~np.isfinite(x[suspect]).all(axis=1)).sum())
+    if bad:
+        raise LongtailError(f"neighbour table: {bad} row(s) have NaN or infinite features")
     np.divide(x, norms, out=x, where=norms > 0)  # guards zero rows
     return x
 
