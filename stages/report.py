@@ -600,6 +600,30 @@ def _describe(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _section_md(sec: dict[str, Any]) -> list[str]:
+    """Markdown lines of one validated section (:func:`_validate_sections`), a blank line last."""
+    lines = [f"## {_md_escape(sec['title'])}", ""]
+    if sec["text"]:
+        lines += [_md_escape(sec["text"]), ""]
+    lines.append("| " + " | ".join(_md_escape(c) for c in sec["columns"]) + " |")
+    lines.append("|" + "|".join([":---"] + ["---:"] * (len(sec["columns"]) - 1)) + "|")
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in sec["rows"]]
+    return lines + [""]
+
+
+def _section_html(sec: dict[str, Any]) -> list[str]:
+    """HTML lines of one validated section (:func:`_validate_sections`)."""
+    e = html.escape
+    out = [f"<h2>{e(sec['title'])}</h2>"]
+    if sec["text"]:
+        out.append(f'<p class="how">{e(sec["text"])}</p>')
+    out.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in sec["columns"]) + "</tr></thead><tbody>")
+    for first, *rest in sec["rows"]:
+        out.append(f"<tr><td>{e(first)}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in rest) + "</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
 def _render_md(r: dict[str, Any], d: dict[str, Any]) -> str:
     lines = [f"# Long-tail report: {_md_escape(r['dataset'])}", ""]
     lines.append(f"- **Data set:** {_md_escape(r['dataset'])}")
@@ -617,13 +641,7 @@ def _render_md(r: dict[str, Any], d: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", d["how"].replace("_", "\\_"), ""]
     for sec in r["sections"]:
-        lines += [f"## {_md_escape(sec['title'])}", ""]
-        if sec["text"]:
-            lines += [_md_escape(sec["text"]), ""]
-        lines.append("| " + " | ".join(_md_escape(c) for c in sec["columns"]) + " |")
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(sec["columns"]) - 1)) + "|")
-        lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in sec["rows"]]
-        lines.append("")
+        lines += _section_md(sec)
     if r["plots"]:
         lines += ["## Plots", ""]
         for caption, rel in r["plots"]:
@@ -655,18 +673,16 @@ ul.meta li { margin: .2em 0; }
 """
 
 
+def _html_head(title: str) -> list[str]:
+    """The opening lines of an HTML page titled ``title``, through its ``<h1>``."""
+    e = html.escape
+    return ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
+            f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>"]
+
+
 def _render_html(r: dict[str, Any], d: dict[str, Any]) -> str:
     e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        f"<title>Long-tail report: {e(r['dataset'])}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>Long-tail report: {e(r['dataset'])}</h1>",
+    out = _html_head(f"Long-tail report: {r['dataset']}") + [
         '<ul class="meta">',
         f"<li><b>Data set:</b> {e(r['dataset'])}</li>",
         f"<li><b>Train class counts:</b> {e(d['summary'])}</li>",
@@ -692,14 +708,7 @@ def _render_html(r: dict[str, Any], d: dict[str, Any]) -> str:
         out.append(f"<tr><td>{e(name)}</td>{tds}</tr>")
     out += ["</tbody>", "</table>", f'<p class="how">{e(d["how"])}</p>']
     for sec in r["sections"]:
-        out.append(f"<h2>{e(sec['title'])}</h2>")
-        if sec["text"]:
-            out.append(f'<p class="how">{e(sec["text"])}</p>')
-        out.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in sec["columns"]) + "</tr></thead><tbody>")
-        for row in sec["rows"]:
-            first, *rest = row
-            out.append(f"<tr><td>{e(first)}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in rest) + "</tr>")
-        out.append("</tbody></table>")
+        out += _section_html(sec)
     if r["plots"]:
         out.append("<h2>Plots</h2>")
         for caption, rel in r["plots"]:
@@ -747,22 +756,10 @@ def render_tables(title: str, intro: list[str], sections: list[Mapping[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     secs = _validate_sections(sections)
     md = [f"# {_md_escape(title)}", ""] + [line for p in intro for line in (_md_escape(p), "")]
-    e = html.escape
-    ht = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
-          f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>"]
-    ht += [f'<p class="how">{e(p)}</p>' for p in intro]
+    ht = _html_head(title) + [f'<p class="how">{html.escape(p)}</p>' for p in intro]
     for sec in secs:
-        md += [f"## {_md_escape(sec['title'])}", ""] + ([_md_escape(sec["text"]), ""] if sec["text"] else [])
-        md.append("| " + " | ".join(_md_escape(c) for c in sec["columns"]) + " |")
-        md.append("|" + "|".join([":---"] + ["---:"] * (len(sec["columns"]) - 1)) + "|")
-        md += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in sec["rows"]] + [""]
-        ht.append(f"<h2>{e(sec['title'])}</h2>")
-        if sec["text"]:
-            ht.append(f'<p class="how">{e(sec["text"])}</p>')
-        ht.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in sec["columns"]) + "</tr></thead><tbody>")
-        for first, *rest in sec["rows"]:
-            ht.append(f"<tr><td>{e(first)}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in rest) + "</tr>")
-        ht.append("</tbody></table>")
+        md += _section_md(sec)
+        ht += _section_html(sec)
     ht += ["</body>", "</html>", ""]
     md_path = _atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text("\n".join(md), encoding="utf-8"))
     html_path = _atomic_write(out / f"{stem}.html", lambda tmp: Path(tmp).write_text("\n".join(ht), encoding="utf-8"))
