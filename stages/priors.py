@@ -24,6 +24,7 @@ from stages.base import Method
 from stages.calibrate import logit_prior, validate_prior
 from stages.data import FeatureSet
 from stages.errors import LongtailError
+from stages.evaluate import softmax
 
 __all__ = ["PriorEstimate", "bbse_prior", "em_prior", "estimate_target_prior", "ESTIMATORS"]
 
@@ -202,11 +203,7 @@ def estimate_target_prior(
         raise LongtailError(f"prior estimation: unknown method {how!r} (known: {', '.join(ESTIMATORS)})")
     logits = method.logits(target_features)
     if how == "em":
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)  # >= 1 after the max-shift
-        return em_prior(probs, logit_prior(method), tol=tol, max_iter=max_iter)
+        return em_prior(softmax(logits), logit_prior(method), tol=tol, max_iter=max_iter)
     if val is None:
         raise LongtailError("prior estimation: bbse needs a labelled val split for its confusion matrix")
     return bbse_prior(method.predict(val.features), val.require_labels(), logits.argmax(axis=1),
