@@ -80,6 +80,19 @@ def exponential_profile(n_max: int, num_classes: int, ratio: float) -> np.ndarra
     return np.maximum(counts, 1)
 
 
+def _digits(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The real scikit-learn digits: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)``
+    int64, and per class a seeded permutation of its row indices (one generator, classes 0..9)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(10)]
+    return images, labels, per_class
+
+
 def digits_lt(
     imbalance_ratio: float = 20.0,
     test_per_class: int = 50,
@@ -87,16 +100,10 @@ def digits_lt(
     seed: int = 0,
 ) -> ImageDataset:
     """The ``digits-lt`` dataset. Every choice is seeded and reproducible."""
-    from sklearn.datasets import load_digits
-
     if test_per_class < 1 or val_per_class < 1:
         raise LongtailError("digits-lt: test_per_class and val_per_class must be >= 1")
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
-    labels = digits.target.astype(np.int64)
-    num_classes = 10
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    images, labels, per_class = _digits(seed)
+    num_classes = len(per_class)
     pool = min(len(ix) for ix in per_class) - test_per_class - val_per_class
     if pool < 1:
         raise LongtailError(
@@ -209,8 +216,6 @@ def digits_glt(
     the train images kept) change, so CLT and GLT share one train split, ALT and GLT one test
     split. Every group keeps at least one train, val and test image.
     """
-    from sklearn.datasets import load_digits
-
     if protocol not in GLT_PROTOCOLS:
         raise LongtailError(f"digits-glt: unknown protocol {protocol!r} (use one of {', '.join(GLT_PROTOCOLS)})")
     if not 2 <= num_attributes <= len(GLT_ATTRIBUTES):
@@ -219,12 +224,8 @@ def digits_glt(
         raise LongtailError(f"digits-glt: attribute_ratio must be >= 1, got {attribute_ratio}")
     if test_per_group < 1 or val_per_group < 1:
         raise LongtailError("digits-glt: test_per_group and val_per_group must be >= 1")
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
-    labels = digits.target.astype(np.int64)
-    num_classes, a_count = 10, int(num_attributes)
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    images, labels, per_class = _digits(seed)
+    num_classes, a_count = len(per_class), int(num_attributes)
     n_test, n_val = a_count * test_per_group, a_count * val_per_group
     pool = min(len(ix) for ix in per_class) - n_test - n_val
     if pool < a_count:
