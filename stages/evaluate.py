@@ -156,6 +156,15 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values[keep].mean())
 
 
+def _share(part: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """``part / total`` element-wise as float64, NaN where ``total`` is 0 (guards the division:
+    an accuracy over no sample is undefined)."""
+    out = np.full(np.shape(total), np.nan)
+    present = total > 0
+    out[present] = part[present] / total[present]
+    return out
+
+
 # ---------------------------------------------------------------------------------- probabilities
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax ``(N, C) -> (N, C)`` float64: ``x - logsumexp(x)``, max-shifted."""
@@ -210,12 +219,9 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
         undefined, and every mean in this module skips it).
     """
     pred, labels = _check_pred_labels(pred, labels, num_classes)
-    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    correct = np.bincount(labels[pred == labels], minlength=num_classes).astype(np.float64)
-    out = np.full(num_classes, np.nan)
-    present = total > 0  # guards the division: classes absent from the test labels stay NaN
-    out[present] = correct[present] / total[present]
-    return out
+    total = np.bincount(labels, minlength=num_classes)
+    correct = np.bincount(labels[pred == labels], minlength=num_classes)
+    return _share(correct, total)  # classes absent from the test labels stay NaN
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -509,10 +515,7 @@ def group_accuracy(pred: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
     att = np.asarray(attributes).astype(np.int64)
     hit = pred == lab
     correct = np.bincount(lab[hit] * a + att[hit], minlength=num_classes * a).reshape(num_classes, a)
-    out = np.full(total.shape, np.nan)
-    present = total > 0  # guards the division: an empty group has no accuracy
-    out[present] = correct[present] / total[present]
-    return out
+    return _share(correct, total)  # an empty group has no accuracy
 
 
 def macro_precision(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
