@@ -17,6 +17,7 @@ A registry maps lower-kebab-case names to classes. Wrappers compose by name with
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -185,6 +186,32 @@ class Wrapper(Method):
         self.base.load_state_dict(base_state)
         own = {k: v for k, v in state.items() if not k.startswith("base.")}
         return super().load_state_dict(own)
+
+
+# ---------------------------------------------------------------------- parameter checks
+def check_number(owner: str, key: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 allow_none: bool = False) -> None:
+    """A LongtailError ``"<owner>: <key> = <value> must be a number >= low ..."`` unless ``value`` is
+    a finite number (an integer when ``integer``; never a bool) in the given range; ``None`` passes
+    when ``allow_none``."""
+    if allow_none and value is None:
+        return
+    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
+    ok = ok and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = float(value) > low if low_open else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) < high if high_open else float(value) <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        kind = "an integer" if integer else "a number"
+        extra = " (or null)" if allow_none else ""
+        raise LongtailError(f"{owner}: {key} = {value!r} must be {kind} {' and '.join(bounds)}{extra}".rstrip())
 
 
 # ---------------------------------------------------------------------- registry

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from stages.base import register
+from stages.calibrate import prior_from_log
 from stages.data import FeatureSet
 from stages.device import resolve_device
 from stages.errors import LongtailError
@@ -220,10 +221,7 @@ class HeuristicCALAHead(_AdjustedMixupHead):
     def logit_prior(self) -> np.ndarray:
         """``p_tr^(1 - tau1)``, normalised (module docstring): uniform for ``tau1 = 1``."""
         self._check_fitted()
-        log_p = (1.0 - float(self.tau1)) * np.log(np.asarray(self.source_prior_, dtype=np.float64))
-        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
-        p = np.exp(log_p)
-        return p / p.sum()
+        return prior_from_log((1.0 - float(self.tau1)) * np.log(np.asarray(self.source_prior_, dtype=np.float64)))
 
 
 def _fixed(cls: type[HeuristicCALAHead], key: str, value: float) -> type[HeuristicCALAHead]:
@@ -293,9 +291,7 @@ class DynamicLAHead(_AdjustedMixupHead):
         self._check_fitted()
         log_p = np.log(np.asarray(self.source_prior_, dtype=np.float64))
         log_p = log_p - float(self.tau) * np.log(np.maximum(self.pred_prior_, 1e-12))  # as dynamic_la_adjustment
-        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
-        p = np.exp(log_p)
-        return p / p.sum()
+        return prior_from_log(log_p)
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {"pred_prior": torch.as_tensor(self.pred_prior_, dtype=torch.float64)}

@@ -84,6 +84,14 @@ def validate_prior(
     return p / total  # guarded: |total - 1| <= 1e-6 here, so total > 0
 
 
+def prior_from_log(log_prior: np.ndarray) -> np.ndarray:
+    """``exp(log_prior)`` normalised to sum to 1, float64 ``(C,)``: a prior known up to a constant
+    in log space (``(1 - tau) log p_s``, ``log p / T``, ...). ``log_prior`` has a finite entry."""
+    log_p = np.asarray(log_prior, dtype=np.float64)
+    p = np.exp(log_p - log_p.max())  # max-shift before exp; the sum below is then >= 1
+    return p / p.sum()
+
+
 def post_compensate(
     logits: np.ndarray | torch.Tensor,
     source_prior: Sequence[float] | np.ndarray | torch.Tensor,
@@ -306,10 +314,7 @@ class TemperatureScaling(Wrapper):
         """``p^(1/T)`` renormalised, ``p`` the base's :func:`logit_prior`: the prior term ``log p`` of
         the base's logits, divided by ``T``."""
         self._check_fitted()
-        log_p = np.log(logit_prior(self.base)) / self.temperature_
-        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
-        p = np.exp(log_p)
-        return p / p.sum()
+        return prior_from_log(np.log(logit_prior(self.base)) / self.temperature_)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64)}

@@ -97,7 +97,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.base import Method, Wrapper, register
+from stages.base import Method, Wrapper, check_number, register
 from stages.data import FeatureSet
 from stages.device import resolve_device
 from stages.errors import LongtailError
@@ -163,30 +163,6 @@ def filter_sizes(num_samples: int, num_filters: int, fraction: float) -> list[tu
         out.append((n, m))
         n -= m
     return out
-
-
-# ---------------------------------------------------------------------- validation
-def _check(owner: str, key: str, value: Any, *, integer: bool = False, low: float | None = None,
-           high: float | None = None, low_open: bool = False, high_open: bool = False,
-           allow_none: bool = False) -> None:
-    """A LongtailError naming ``owner``'s ``key`` unless ``value`` is a number in the given range."""
-    if allow_none and value is None:
-        return
-    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    ok = ok and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = float(value) > low if low_open else float(value) >= low
-    if ok and high is not None:
-        ok = float(value) < high if high_open else float(value) <= high
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low:g}")
-        if high is not None:
-            bounds.append(f"{'<' if high_open else '<='} {high:g}")
-        kind = "an integer" if integer else "a number"
-        extra = " (or null)" if allow_none else ""
-        raise LongtailError(f"{owner}: {key} = {value!r} must be {kind} {' and '.join(bounds)}{extra}".rstrip())
 
 
 # ---------------------------------------------------------------------- the flow filter
@@ -490,20 +466,20 @@ class FlowCascade:
     def check_params(self) -> None:
         """Validate every hyper-parameter (LongtailError naming the key)."""
         o = self.owner
-        _check(o, "num_filters", self.num_filters, integer=True, low=1)
-        _check(o, "filter_fraction", self.filter_fraction, low=0, high=1, low_open=True, high_open=True)
-        _check(o, "num_clusters", self.num_clusters, integer=True, low=1, allow_none=True)
-        _check(o, "flow_blocks", self.flow_blocks, integer=True, low=1)
-        _check(o, "flow_hidden", self.flow_hidden, integer=True, low=1)
-        _check(o, "sigma", self.sigma, low=0, low_open=True, allow_none=True)
-        _check(o, "q", self.q, low=0)
-        _check(o, "lambda_bal", self.lambda_bal, low=0)
-        _check(o, "lambda_pure", self.lambda_pure, low=0)
-        _check(o, "eta", self.eta, low=0, high=1, high_open=True)
-        _check(o, "flow_epochs", self.flow_epochs, integer=True, low=1)
-        _check(o, "flow_lr", self.flow_lr, low=0, low_open=True)
-        _check(o, "flow_batch_size", self.flow_batch_size, integer=True, low=1)
-        _check(o, "seed", self.seed, integer=True, low=0)
+        check_number(o, "num_filters", self.num_filters, integer=True, low=1)
+        check_number(o, "filter_fraction", self.filter_fraction, low=0, high=1, low_open=True, high_open=True)
+        check_number(o, "num_clusters", self.num_clusters, integer=True, low=1, allow_none=True)
+        check_number(o, "flow_blocks", self.flow_blocks, integer=True, low=1)
+        check_number(o, "flow_hidden", self.flow_hidden, integer=True, low=1)
+        check_number(o, "sigma", self.sigma, low=0, low_open=True, allow_none=True)
+        check_number(o, "q", self.q, low=0)
+        check_number(o, "lambda_bal", self.lambda_bal, low=0)
+        check_number(o, "lambda_pure", self.lambda_pure, low=0)
+        check_number(o, "eta", self.eta, low=0, high=1, high_open=True)
+        check_number(o, "flow_epochs", self.flow_epochs, integer=True, low=1)
+        check_number(o, "flow_lr", self.flow_lr, low=0, low_open=True)
+        check_number(o, "flow_batch_size", self.flow_batch_size, integer=True, low=1)
+        check_number(o, "seed", self.seed, integer=True, low=0)
         resolve_device(self.device)
 
     def plan(self, num_samples: int) -> tuple[list[tuple[int, int]], int]:
@@ -759,7 +735,7 @@ def diagnostics(cascade: FlowCascade, train: FeatureSet, tail_threshold: int = T
 
     Plain Python numbers and lists (JSON-friendly); shares are ``None`` where nothing is counted.
     """
-    _check("dlsa diagnostics", "tail_threshold", tail_threshold, integer=True, low=0)
+    check_number("dlsa diagnostics", "tail_threshold", tail_threshold, integer=True, low=0)
     labels = train.require_labels()
     route = cascade.route(train.features)
     counts = np.asarray(train.class_counts)
@@ -927,9 +903,14 @@ class DLSA(Wrapper):
         then the cascade (unless one was set) and the cluster-aided classifiers."""
         if isinstance(train, FeatureSet):  # Method.fit raises the TypeError otherwise
             train.check_train()  # the same message as every method for a class without a sample
-            self._head()._check_params()
-            self._check_own_params()
+            self.check_params(train.num_classes)
         return super().fit(train, val)
+
+    def check_params(self, num_classes: int) -> None:
+        """The head's checks, then the cascade's and this wrapper's (run by the pipeline before any
+        work, and by :meth:`fit` before the head is fitted)."""
+        self._head().check_params(num_classes)
+        self._check_own_params()
 
     def _head(self) -> _Head:
         if not isinstance(self.base, _Head):
@@ -1006,7 +987,7 @@ class DLSA(Wrapper):
         if self.classifier_samples not in ("routed", "all"):
             raise LongtailError(
                 f"dlsa: classifier_samples = {self.classifier_samples!r} must be 'routed' or 'all'")
-        _check("dlsa", "tail_threshold", self.tail_threshold, integer=True, low=0)
+        check_number("dlsa", "tail_threshold", self.tail_threshold, integer=True, low=0)
 
     def _check_cascade(self, cascade: FlowCascade, train: FeatureSet) -> None:
         same = (cascade.dim_ == train.dim and cascade.num_classes_ == train.num_classes

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.base import Method, register
+from stages.base import Method, check_number, register
+from stages.calibrate import prior_from_log
 from stages.data import FeatureSet
 from stages.device import resolve_device
 from stages.errors import LongtailError
+from stages.evaluate import per_class_accuracy
 from stages.losses import (
     balanced_softmax_loss,
     class_balanced_weights,
@@ -58,6 +60,9 @@ WEIGHT_DECAY = 5e-4
 MOMENTUM = 0.9
 #: rows per chunk when computing logits (bounds device memory, not a per-sample loop)
 LOGITS_CHUNK = 65536
+#: rows per chunk of :func:`balanced_moments`: float64 temporaries of 8192 x D (128 MiB at D = 2048;
+#: at 60k x 2048 features one chunk of all rows took twice as long, its 1 GiB temporaries out of cache)
+MOMENTS_CHUNK = 8192
 #: the grid ``tau-norm`` chooses tau from on val: 0, 0.1, ..., 2
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
 
@@ -245,7 +250,7 @@ def train_module(
 
 
 def balanced_moments(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                     chunk: int = LOGITS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                     chunk: int = MOMENTS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced mean and standard deviation of ``features`` ``(N, D)``, float64 ``(D,)`` each.
 
     ``mean = (1/C) sum_c mean(x | y = c)`` and ``var = (1/C) sum_c mean((x - mean)^2 | y = c)``: the
@@ -270,35 +275,21 @@ def balanced_moments(features: np.ndarray, labels: np.ndarray, num_classes: int,
         return out
 
     mean = (class_sums(lambda v: v) / counts[:, None]).mean(axis=0)  # guarded: every count > 0
-    var = (class_sums(lambda v: np.square(v - mean)) / counts[:, None]).mean(axis=0)  # guarded as above
+    sq_dev = lambda v: np.square(np.subtract(v, mean, out=v), out=v)  # noqa: E731 (v is a fresh copy)
+    var = (class_sums(sq_dev) / counts[:, None]).mean(axis=0)  # guarded as above
     return mean, np.sqrt(var)
 
 
-def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Mean per-class recall over the classes that have at least one sample in ``labels``."""
-    support = torch.bincount(labels, minlength=num_classes)
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
-    present = support > 0  # guards the division: classes absent from this split are left out
-    return float((correct[present].double() / support[present].double()).mean())
+def balanced_accuracy(pred: torch.Tensor, labels: np.ndarray, num_classes: int) -> float:
+    """Mean per-class recall over the classes that have at least one sample in ``labels``
+    (:func:`stages.evaluate.per_class_accuracy`, NaN for an absent class, skipped here)."""
+    return float(np.nanmean(per_class_accuracy(pred.cpu().numpy(), labels, num_classes)))
 
 
 # ---------------------------------------------------------------------- the head base class
-def _check_number(method: str, key: str, value, *, integer: bool = False, low: float | None = None,
-                  high: float | None = None, low_open: bool = False) -> None:
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    ok = ok and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = float(value) > low if low_open else float(value) >= low
-    if ok and high is not None:
-        ok = float(value) <= high
-    if not ok:
-        bounds = ""
-        if low is not None:
-            bounds += f" {'>' if low_open else '>='} {low:g}"
-        if high is not None:
-            bounds += f"{' and' if bounds else ''} <= {high:g}"
-        raise LongtailError(f"method {method!r}: {key} = {value!r} must be {kind}{bounds}")
+def _check_number(method: str, key: str, value, **bounds) -> None:
+    """:func:`~stages.base.check_number` with the owner ``method 'name'`` of every head's messages."""
+    check_number(f"method {method!r}", key, value, **bounds)
 
 
 class _Head(Method):
@@ -477,10 +468,7 @@ class LogitAdjustHead(_Head):
         ``∝ p_s^(1 - tau)``, exactly as Theorem 1 of paper 002 assumes of a softmax's logits.
         """
         self._check_fitted()
-        log_p = (1.0 - float(self.tau)) * np.log(np.asarray(self.source_prior_, dtype=np.float64))
-        log_p -= log_p.max()  # max-shift before exp; the sum below is then >= 1
-        p = np.exp(log_p)
-        return p / p.sum()
+        return prior_from_log((1.0 - float(self.tau)) * np.log(np.asarray(self.source_prior_, dtype=np.float64)))
 
 
 @register("cb-ce")
@@ -683,10 +671,9 @@ class TauNormHead(_Head):
 
     def _choose_tau(self, val: FeatureSet) -> float:
         dev = self.mean_.device
-        yv = torch.tensor(val.labels, device=dev)
         with torch.inference_mode():
             xv = self._standardise(torch.tensor(val.features, device=dev))
-            scores = [balanced_accuracy(self._scores(xv, tau).argmax(1), yv, self.num_classes_)
+            scores = [balanced_accuracy(self._scores(xv, tau).argmax(1), val.labels, self.num_classes_)
                       for tau in TAU_GRID]
         self.val_scores_ = np.asarray(scores)  # val balanced accuracy per TAU_GRID value (diagnostic)
         return float(TAU_GRID[int(np.argmax(scores))])  # argmax: the first (smallest) tau among ties
@@ -698,11 +685,11 @@ class TauNormHead(_Head):
         (``z - gamma log p_s``, PC-Softmax to a uniform target, paper 002 eq. 4) gives the best
         balanced accuracy (ties: the smallest). One scalar, so 20 val samples a class suffice."""
         dev = self.mean_.device
-        yv = torch.tensor(val.labels, device=dev)
         log_ps = torch.log(torch.as_tensor(self.source_prior_, dtype=torch.float32, device=dev))
         with torch.inference_mode():
             zv = self._scores(self._standardise(torch.tensor(val.features, device=dev)))
-            scores = [balanced_accuracy((zv - g * log_ps).argmax(1), yv, self.num_classes_) for g in PRIOR_POWERS]
+            scores = [balanced_accuracy((zv - g * log_ps).argmax(1), val.labels, self.num_classes_)
+                      for g in PRIOR_POWERS]
         return float(PRIOR_POWERS[int(np.argmax(scores))])
 
     def logit_prior(self) -> np.ndarray:

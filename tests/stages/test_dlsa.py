@@ -457,6 +457,17 @@ def test_bad_hyper_parameters_raise_one_line_errors_naming_the_key(data):
         FlowCascade(**{**TINY, "num_clusters": 1, "filter_fraction": 0.05}).fit(tiny)
 
 
+def test_check_params_validates_the_cascade_and_the_head_before_any_work():
+    """What the pipeline runs on every configured method before extracting features."""
+    make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).check_params(10)
+    with pytest.raises(LongtailError, match="flow_epochs = 2.5 must be an integer"):
+        make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "flow_epochs": 2.5}}).check_params(10)
+    with pytest.raises(LongtailError, match="classifier_samples"):
+        make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_samples": "some"}}).check_params(10)
+    with pytest.raises(LongtailError, match="epochs = 0 must be an integer >= 1"):
+        make_method("dlsa+ce", {**HEAD, "epochs": 0, "dlsa": TINY}).check_params(10)
+
+
 def test_a_class_with_a_single_train_sample_is_handled(data):
     train = data[0]
     keep = np.r_[np.flatnonzero(train.labels != 9), np.flatnonzero(train.labels == 9)[:1]]
