@@ -852,7 +852,6 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- deployment priors
-ESTIMATORS = ("em", "bbse")
 
 
 def _same_backbone(source, target) -> bool:
@@ -874,6 +873,8 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     are null when the target split has no labels.
     """
     from stages.calibrate import post_compensate
+    from stages.evaluate import accuracy
+    from stages.priors import ESTIMATORS
     from stages.label_shift import estimate_prior, positive_prior, total_variation
 
     if how not in ESTIMATORS:
@@ -908,7 +909,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
         true_prior /= true_prior.sum()  # labels is non-empty (FeatureSet refuses empty splits)
 
     def acc(z):
-        return None if target_labels is None else float(np.mean(z.argmax(axis=1) == target_labels))
+        return None if target_labels is None else accuracy(z, target_labels)
 
     out: dict[str, Any] = {"method": how, "split": split, "estimated_prior": None, "methods": {},
                            "estimated_priors": {}, "target": target_url}

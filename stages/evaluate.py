@@ -206,6 +206,11 @@ def _row_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------- accuracy
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``(N, C)`` scores against ``(N,)`` labels."""
+    return float(np.mean(np.asarray(logits).argmax(axis=1) == labels))
+
+
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-class recall ``(C,)`` float64: correct / test samples of each class.
 

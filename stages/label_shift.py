@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from stages.calibrate import post_compensate
-from stages.evaluate import softmax
+from stages.evaluate import accuracy, softmax
 from stages.priors import bbse_prior, em_prior
 from stages.shift import RATIOS, shifted_subsets
 
@@ -35,10 +35,6 @@ def positive_prior(prior: np.ndarray) -> np.ndarray:
     unreachable, and an estimated 0 is estimation noise."""
     p = np.maximum(np.asarray(prior, np.float64), 1e-12)
     return p / p.sum()  # the sum is >= C * 1e-12 > 0
-
-
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(logits.argmax(axis=1) == labels))
 
 
 def estimate_prior(how: str, logits: np.ndarray, logit_prior: np.ndarray,
@@ -80,14 +76,14 @@ def shifted_evaluation(
     for s in shifted_subsets(labels, class_counts, ratios=ratios, seed=seed):
         z, y = logits[s.indices], labels[s.indices]
         row = {"direction": s.direction, "ratio": float(s.ratio), "n": int(s.indices.size),
-               "accuracy": _accuracy(z, y),
-               "accuracy_true_prior": _accuracy(post_compensate(z, logit_prior, s.prior), y)}
+               "accuracy": accuracy(z, y),
+               "accuracy_true_prior": accuracy(post_compensate(z, logit_prior, s.prior), y)}
         em = estimate_prior("em", z, logit_prior)
-        row["accuracy_em"] = _accuracy(post_compensate(z, logit_prior, positive_prior(em)), y)
+        row["accuracy_em"] = accuracy(post_compensate(z, logit_prior, positive_prior(em)), y)
         row["em_error"] = total_variation(em, s.prior)
         if val_logits is not None and val_labels is not None:
             bb = estimate_prior("bbse", z, logit_prior, val_logits, val_labels)
-            row["accuracy_bbse"] = _accuracy(post_compensate(z, logit_prior, positive_prior(bb)), y)
+            row["accuracy_bbse"] = accuracy(post_compensate(z, logit_prior, positive_prior(bb)), y)
             row["bbse_error"] = total_variation(bb, s.prior)
         out[s.name] = row
     return out
