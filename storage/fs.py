@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import fsspec
@@ -60,25 +61,40 @@ def remote_error(url: str, exc: BaseException) -> LongtailError:
     return LongtailError(f"{url}: storage error ({text})")
 
 
+#: buckets (``""`` for backends without buckets) already probed, by ``id`` of the filesystem
+#: instance (fsspec instances compare equal by their arguments alone, so not by the instance)
+_PROBED: dict[int, set[str]] = {}
+
+
 def check_access(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``resolve(url)`` plus, for a remote URL, one request that proves the backend answers with
     the credentials at hand, and (for object stores with buckets) that the bucket exists; nothing
     is written. Raises :func:`remote_error`'s LongtailError otherwise. Local paths are not probed.
+
+    A successful probe is remembered for the filesystem instance and bucket (an instance keeps
+    the credentials and endpoint it resolved), so the stores that are opened again and again
+    while a run goes on cost no request after the first.
     """
     fs, path = resolve(url, storage_options)
     if is_local(fs):
         return fs, path
+    split_path = getattr(fs, "split_path", None)  # s3fs and friends: (bucket, key, version)
     try:
+        bucket = split_path(path)[0] if split_path is not None else ""
+        probed = _PROBED.get(id(fs))
+        if probed is not None and bucket in probed:
+            return fs, path
         fs.exists(path)
-        split_path = getattr(fs, "split_path", None)  # s3fs and friends: (bucket, key, version)
-        if split_path is not None:
-            bucket = split_path(path)[0]
-            if bucket and not fs.exists(bucket):
-                raise LongtailError(f"{url}: bucket {bucket!r} does not exist (create it first)")
+        if bucket and not fs.exists(bucket):
+            raise LongtailError(f"{url}: bucket {bucket!r} does not exist (create it first)")
     except LongtailError:
         raise
     except Exception as e:  # backends raise their own types (botocore, aiohttp, ...)
         raise remote_error(url, e) from e
+    if probed is None:
+        probed = _PROBED[id(fs)] = set()
+        weakref.finalize(fs, _PROBED.pop, id(fs), None)  # an id is reused only after this runs
+    probed.add(bucket)
     return fs, path
 
 

@@ -148,6 +148,23 @@ def test_non_local_backend_writes_the_marker_last_under_the_key_lock(monkeypatch
     fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
 
 
+def test_a_remote_root_is_probed_once_per_filesystem_and_bucket(monkeypatch):
+    # the pipeline opens the artifact store for every stage: the backend is asked once
+    import storage.fs
+
+    monkeypatch.setattr(storage.fs, "_PROBED", {})
+    fs = fsspec.filesystem("memory")
+    probes = []
+    real = fs.exists
+    monkeypatch.setattr(fs, "exists", lambda path, **kw: probes.append(path) or real(path, **kw))
+    root = f"memory://lt-{uuid.uuid4().hex}"
+    ArtifactStore(f"{root}/a")
+    assert probes  # the first store proves the backend answers
+    probes.clear()
+    ArtifactStore(f"{root}/b")
+    assert probes == []
+
+
 def test_corrupt_files_are_detected(tmp_path):
     store = ArtifactStore(str(tmp_path))
     store.write("method", KEY, {"a": b"0123456789"})
