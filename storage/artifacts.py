@@ -184,7 +184,10 @@ class ArtifactStore:
     def read_file(self, kind: str, key: str, name: str) -> bytes:
         """Bytes of file ``name`` of a complete artifact; LongtailError when the artifact is
         missing or incomplete, the name is unknown, or the file's size differs from the marker's."""
-        manifest = self._manifest(kind, key)
+        return self._read_listed(kind, key, name, self._manifest(kind, key))
+
+    def _read_listed(self, kind: str, key: str, name: str, manifest: dict) -> bytes:
+        """:meth:`read_file` against a marker already read (one marker read per artifact)."""
         where = join(self.url(kind, key), name)
         if name not in manifest["files"]:
             known = ", ".join(sorted(manifest["files"]))
@@ -201,7 +204,7 @@ class ArtifactStore:
         """Checks every file's blake2b against the marker; LongtailError naming the first bad one."""
         manifest = self._manifest(kind, key)
         for name, info in manifest["files"].items():
-            if hashlib.blake2b(self.read_file(kind, key, name), digest_size=32).hexdigest() != info["blake2b"]:
+            if hashlib.blake2b(self._read_listed(kind, key, name, manifest), digest_size=32).hexdigest() != info["blake2b"]:
                 raise LongtailError(f"{join(self.url(kind, key), name)}: content does not match its hash (corrupt artifact)")
 
     # ------------------------------------------------------------------ writing
