@@ -51,9 +51,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    except OSError:
+    except OSError:  # PermissionError: it exists, owned by someone else; else: cannot tell, so alive
         return True
     return True
 
