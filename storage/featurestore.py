@@ -65,7 +65,7 @@ import numpy as np
 
 from stages.data import FeatureSet
 from stages.errors import LongtailError
-from storage.fs import check_access, join, json_hash, remote_error, resolve, zarr_store
+from storage.fs import check_access, join, json_hash, remote_error, zarr_store
 from storage.locks import DEFAULT_TIMEOUT, WriterLock
 
 SCHEMA_VERSION = 1
@@ -84,7 +84,8 @@ PLAN_KEYS = (
 )
 #: plan keys that stores written by older versions may lack: key -> its value for such a store
 _PLAN_DEFAULTS = {"has_labels": lambda attrs: {str(s): True for s in (attrs.get("splits") or {})}}
-_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: a split name (lower-case letters, digits and ``_``, starting with a letter)
+SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: target uncompressed size of one chunk of ``features`` (and of the 1-D arrays)
 _TARGET_CHUNK_BYTES = 8 << 20
 _FEATURE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
@@ -98,7 +99,11 @@ def _root_attrs(url: str, storage_options: dict | None) -> dict | None:
 
     Reads ``zarr.json`` directly (the Zarr v3 group document), so a status check is one read.
     """
-    fs, path = check_access(url, storage_options)
+    return _read_root_attrs(url, *check_access(url, storage_options))
+
+
+def _read_root_attrs(url: str, fs, path: str) -> dict | None:
+    """:func:`_root_attrs` on a filesystem already resolved (and checked) for ``url``."""
     try:
         if not fs.exists(path):
             return None
@@ -358,7 +363,7 @@ class FeatureStoreWriter:
         self.reused = False
         self._reused_fp: str | None = None
 
-        fs, path = check_access(self.url, storage_options)
+        self._fs, self._path = fs, path = check_access(self.url, storage_options)
         base = self.url.rstrip("/")
         self._lock = WriterLock(fs, path.rstrip("/") + ".lock", base + ".lock", f"feature store {base}", lock_timeout,
                                 supersede_own=True)
@@ -374,14 +379,15 @@ class FeatureStoreWriter:
         import zarr
 
         storage_options = self._storage_options
-        attrs = _root_attrs(self.url, storage_options)
+        attrs = _read_root_attrs(self.url, self._fs, self._path)
         if attrs is not None:
             same = attrs.get("schema_version") == SCHEMA_VERSION and all(
                 _plan_value(attrs, k) == self._plan[k] for k in PLAN_KEYS
             )
             if attrs.get("complete") is True:
                 if reuse and same:  # another writer completed this very plan: nothing to write
-                    store = open_store(self.url, storage_options=storage_options)
+                    # what open_store would check and read again: complete, this schema version
+                    store = FeatureStore(self.url, attrs, storage_options)
                     self._done = {s: store.split_fingerprint(s) for s in self._plan["splits"]}
                     self._reused_fp = store.fingerprint
                     self.reused = True
@@ -443,7 +449,7 @@ class FeatureStoreWriter:
             raise LongtailError(f"{url}: backbone must be a dict identifying the backbone, got {backbone!r}")
         split_rows: dict[str, int] = {}
         for name, rows in splits.items():
-            if not _SPLIT_NAME.match(str(name)):
+            if not SPLIT_NAME.match(str(name)):
                 raise LongtailError(f"{url}: bad split name {name!r} (lower-case letters, digits, _)")
             if not isinstance(rows, (int, np.integer)) or int(rows) < 1:
                 raise LongtailError(f"{url}: split {name!r} must plan at least 1 row, got {rows!r}")
@@ -477,9 +483,8 @@ class FeatureStoreWriter:
             raise LongtailError(f"{url}: backbone identity is not JSON-serialisable ({e})") from e
 
     def _delete(self) -> None:
-        fs, path = resolve(self.url, self._storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        if self._fs.exists(self._path):
+            self._fs.rm(self._path, recursive=True)
 
     # ------------------------------------------------------------------ splits
     def _check_open(self) -> None:
@@ -705,6 +710,7 @@ class FeatureStore:
         except Exception as e:  # a corrupt store: zarr raises many types
             raise LongtailError(f"{url}: corrupt feature store ({type(e).__name__}: {e})") from e
         self._groups: dict[str, Any] = {}
+        self._arrays: dict[str, dict[str, Any]] = {}  # split -> its arrays, opened once
 
     def _corrupt(self, what: str) -> LongtailError:
         return LongtailError(f"{self.url}: corrupt feature store: {what}")
@@ -785,7 +791,8 @@ class FeatureStore:
         return int(self._attrs["splits"][split])
 
     def has_attributes(self, split: str) -> bool:
-        return "attributes" in self._group(split)
+        self._group(split)
+        return "attributes" in self._arrays[split]
 
     def has_labels(self, split: str) -> bool:
         """False for an unlabelled split (:meth:`read` gives ``labels=None``); stores written
@@ -833,12 +840,13 @@ class FeatureStore:
             if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
                 raise self._corrupt(f"{where}: {key!r} is {arr.dtype} {tuple(arr.shape)}, expected {dtype} {shape}")
         self._groups[split] = g
+        self._arrays[split] = arrays  # opening an array reads its metadata: once, not per chunk
         return g
 
     def _read(self, split: str, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        g = self._group(split)
+        self._group(split)
         try:
-            out = np.asarray(g[key][start:stop])
+            out = np.asarray(self._arrays[split][key][start:stop])
         except Exception as e:  # lost/garbled chunk bytes: codecs raise many types
             raise self._corrupt(f"split {split!r}: cannot read {key!r} ({type(e).__name__}: {e})") from e
         if key in ("attributes", "index") and out.size and out.min() < 0:
@@ -887,7 +895,8 @@ class FeatureStore:
         validated like :meth:`read`; labels are None throughout for an unlabelled split."""
         n = self.num_rows(split)
         if rows is None:
-            rows = int(self._group(split)["features"].chunks[0])
+            self._group(split)
+            rows = int(self._arrays[split]["features"].chunks[0])
         if rows < 1:
             raise LongtailError(f"{self.url}: iter_chunks rows must be >= 1, got {rows}")
         for start in range(0, n, rows):

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import os
 import sys
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from stages.errors import LongtailError
-from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
+from storage.featurestore import SPLIT_NAME, FeatureStore, FeatureStoreWriter, open_store, store_status
 from storage.locks import DEFAULT_TIMEOUT
 from storage.fs import check_access, file_hash, is_local, json_hash
 
@@ -36,8 +35,6 @@ EXTENSIONS = (".npz", ".h5", ".hdf5")
 KEYS = ("features", "labels", "attributes")
 #: the splits import_features names itself; ``extra`` splits may not reuse these names
 _FIXED_SPLITS = ("train", "val", "test")
-#: an extra split's name (the feature store's rule for split names)
-_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: uncompressed bytes of features read at a time from an HDF5 file
 _BLOCK_BYTES = 64 << 20
 
@@ -281,12 +278,12 @@ def import_features(
         paths["val"] = str(val)
     paths["test"] = str(test)
     for name, p in (extra or {}).items():
-        if not isinstance(name, str) or not _SPLIT_NAME.match(name):
+        if not isinstance(name, str) or not SPLIT_NAME.match(name):
             raise LongtailError(
                 f"import-features: bad extra split name {name!r} (lower-case letters, digits and _, "
                 "starting with a letter)"
             )
-        if name in paths or name in _FIXED_SPLITS:
+        if name in _FIXED_SPLITS:  # extra's keys are unique: only these can clash
             raise LongtailError(f"import-features: extra split name {name!r} clashes with the train/val/test splits")
         if not isinstance(p, (str, os.PathLike)) or not str(p):
             raise LongtailError(f"import-features: extra split {name!r} needs a feature file, got {p!r}")

@@ -137,6 +137,28 @@ def test_iter_chunks_concatenates_to_the_split(tmp_path, data):
     st.verify()
 
 
+def test_chunks_read_no_metadata_once_the_split_is_open(tmp_path, data, monkeypatch):
+    # on an object store every metadata read is a request: a split's arrays are opened once
+    from zarr.storage import LocalStore
+
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    st = open_store(url)
+    st.read("train")
+    reads = []
+    real = LocalStore.get
+
+    async def get(self, key, *args, **kw):
+        reads.append(key)
+        return await real(self, key, *args, **kw)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    blocks = list(st.iter_chunks("train", 10))
+    assert len(blocks) == 4 and st.has_attributes("train")
+    assert [k for k in reads if k.endswith("zarr.json")] == []
+    assert reads  # the chunks themselves were read through the spied store
+
+
 def test_fingerprint_does_not_depend_on_write_blocks_or_chunks(tmp_path, data):
     a = build(str(tmp_path / "a.zarr"), data, block=3)
     b = build(str(tmp_path / "b.zarr"), data, block=100, chunk_rows=None)
