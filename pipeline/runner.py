@@ -54,8 +54,8 @@ def extract_inputs(cfg: RunConfig, dataset_fingerprint: str, weights_hash: str |
             "weights_hash": weights_hash, "code_version": extract_code_version()}
 
 
-def extract_key(cfg: RunConfig, dataset_fingerprint: str, weights_hash: str | None) -> str:
-    i = extract_inputs(cfg, dataset_fingerprint, weights_hash)
+def extract_key(inputs: dict) -> str:
+    i = inputs
     return stable_hash("extract", i["dataset_fingerprint"], i["backbone"], i["weights_hash"], i["code_version"])
 
 
@@ -109,10 +109,12 @@ def artifact_store(cfg: RunConfig) -> ArtifactStore:
     return ArtifactStore(cfg.artifacts_url, storage_options=cfg.storage_options, lock_timeout=cfg.lock_timeout)
 
 
-def _planned_key(cfg: RunConfig):
-    """The dataset and the extraction key the config asks for (checks the backbone file)."""
+def planned_extract(cfg: RunConfig):
+    """The dataset, the extraction inputs and the extraction key the config asks for (loads a user
+    backbone, so an unreadable file fails here)."""
     ds = _dataset(cfg)
-    return ds, extract_key(cfg, ds.fingerprint, _planned_weights(cfg))
+    inputs = extract_inputs(cfg, ds.fingerprint, _planned_weights(cfg))
+    return ds, inputs, extract_key(inputs)
 
 
 def _complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
@@ -138,7 +140,7 @@ def existing_store(cfg: RunConfig) -> StoreInfo:
         raise LongtailError(f"store {cfg.store!r} is {status}: run `longtail stage extract` or `longtail run` first")
     if cfg.dataset is None:
         return _complete_store(cfg, None, None)
-    ds, key = _planned_key(cfg)
+    ds, _, key = planned_extract(cfg)
     return _complete_store(cfg, key, ds.fingerprint)
 
 
@@ -155,7 +157,7 @@ def preflight(cfg: RunConfig) -> None:
         validate_methods(cfg, fs.num_classes)
         glt.use_groups(cfg, fs.has_attributes("test"), f"store {cfg.store!r}")
         return
-    ds, key = _planned_key(cfg)  # also loads a user backbone, so an unreadable file fails here
+    ds, _, key = planned_extract(cfg)
     validate_methods(cfg, ds.num_classes)
     glt.use_groups(cfg, ds.splits["test"].attributes is not None, f"dataset {ds.name!r}")
     if status == "complete":
@@ -175,7 +177,7 @@ def run_extract(cfg: RunConfig) -> StoreInfo:
                 f"store {cfg.store!r} is {status} and the config names no dataset to extract it from"
             )
         return _complete_store(cfg, None, None)
-    ds, key = _planned_key(cfg)
+    ds, inputs, key = planned_extract(cfg)
     if status == "complete":
         return _complete_store(cfg, key, ds.fingerprint)
 
@@ -194,8 +196,7 @@ def run_extract(cfg: RunConfig) -> StoreInfo:
         splits={name: len(split) for name, split in ds.splits.items()},
         has_attributes={name: split.attributes is not None for name, split in ds.splits.items()},
         extra_attrs={"extract_key": key, "dataset": ds.name,
-                     "extract_inputs": extract_inputs(
-                         cfg, ds.fingerprint, None if cfg.backbone.kind == "builtin" else bb.weights_hash)}
+                     "extract_inputs": inputs}
         | ({"attribute_names": list(ds.attribute_names)} if ds.attribute_names else {}),
         storage_options=cfg.storage_options,
         lock_timeout=cfg.lock_timeout,

@@ -55,8 +55,7 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
             fp = open_store(cfg.store, storage_options=opts).fingerprint
             return "import", _entry(CACHED, f"imported store {cfg.store} (fingerprint {fp})"), fp
         return "import", _entry(MISSING, f"store {cfg.store} is {status}: run `longtail import-features`"), None
-    ds, weights = runner._dataset(cfg), runner._planned_weights(cfg)
-    key = runner.extract_key(cfg, ds.fingerprint, weights)
+    _, now, key = runner.planned_extract(cfg)
     if status == "missing":
         return "extract", _entry(MISSING, f"no store at {cfg.store} yet"), None
     if status != "complete":
@@ -66,7 +65,6 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
         return "extract", _entry(CACHED, f"store {cfg.store} (fingerprint {store.fingerprint})"), store.fingerprint
     recorded = store.attrs.get("extract_inputs")
     if isinstance(recorded, dict):
-        now = runner.extract_inputs(cfg, ds.fingerprint, weights)
         changed = [_EXTRACT_WHAT.get(k, k) for k in now if now[k] != recorded.get(k)]
         details = diff_inputs(recorded.get("backbone"), now["backbone"], "backbone.")
         why = ", ".join(changed) + " changed" + (f" ({'; '.join(details)})" if details else "")
