@@ -68,7 +68,7 @@ def _bal_acc(method, test) -> float:
 
 
 def _fit_timed(name: str, params: dict, train, table=None):
-    from stages.base import make_method
+    from longtail.stages.base import make_method
 
     method = make_method(name, params)
     if table is not None:
@@ -79,7 +79,7 @@ def _fit_timed(name: str, params: dict, train, table=None):
 
 
 def _build_timed(train, k: int, device: str):
-    from stages.neighbours import build_table
+    from longtail.stages.neighbours import build_table
 
     t0, c0 = time.perf_counter(), time.process_time()
     table = build_table(train.features, k, device=device)
@@ -125,10 +125,10 @@ def digits_sets(device: str):
     on the train split with the default backbone config, then every split extracted."""
     import numpy as np
 
-    from pipeline.config import BackboneConfig, ExtractionConfig
-    from stages import extract as ex
-    from stages.data import FeatureSet
-    from stages.datasets import digits_lt
+    from longtail.pipeline.config import BackboneConfig, ExtractionConfig
+    from longtail.stages import extract as ex
+    from longtail.stages.data import FeatureSet
+    from longtail.stages.datasets import digits_lt
 
     ds, b = digits_lt(seed=0), BackboneConfig()
     train = ds.splits["train"]
@@ -150,7 +150,7 @@ def synthetic_sets(fraction: float):
     at least 2 rows a class) and the balanced test split."""
     import numpy as np
 
-    from stages.data import FeatureSet
+    from longtail.stages.data import FeatureSet
 
     means = synthetic_means()
     names = [f"c{c:04d}" for c in range(SYN_CLASSES)]

@@ -237,7 +237,7 @@ def run_stage(stage: str, **kwargs) -> dict:
 
 
 def _read_all(url: str) -> dict:
-    from storage.featurestore import open_store
+    from longtail.storage.featurestore import open_store
 
     fs = open_store(url)
     return {s: fs.read(s) for s in fs.splits}
@@ -267,9 +267,9 @@ def stage_idle(device: str) -> dict:
 
 def stage_digits_train(device: str, workdir: str, repeats: int) -> dict:
     """Stage 1: train the built-in small CNN with the default config on digits-lt."""
-    from pipeline.config import BackboneConfig, DatasetConfig
-    from stages import extract as ex
-    from stages.datasets import digits_lt
+    from longtail.pipeline.config import BackboneConfig, DatasetConfig
+    from longtail.stages import extract as ex
+    from longtail.stages.datasets import digits_lt
 
     d, b = DatasetConfig(), BackboneConfig()
     ds = digits_lt(imbalance_ratio=d.imbalance_ratio, test_per_class=d.test_per_class,
@@ -299,9 +299,9 @@ def stage_digits_extract(device: str, workdir: str, repeats: int) -> dict:
     """Extraction throughput of the trained backbone over every split (default batch size)."""
     import numpy as np
 
-    from pipeline.config import DatasetConfig, ExtractionConfig
-    from stages import extract as ex
-    from stages.datasets import digits_lt
+    from longtail.pipeline.config import DatasetConfig, ExtractionConfig
+    from longtail.stages import extract as ex
+    from longtail.stages.datasets import digits_lt
 
     d = DatasetConfig()
     ds = digits_lt(imbalance_ratio=d.imbalance_ratio, test_per_class=d.test_per_class,
@@ -342,8 +342,8 @@ def _nbytes(arrays: dict) -> int:
 
 def stage_digits_store_write(device: str, workdir: str, repeats: int) -> dict:
     """FeatureStoreWriter, chunk by chunk (the extraction batches), into a fresh store per run."""
-    from pipeline.config import ExtractionConfig
-    from storage.featurestore import FeatureStoreWriter
+    from longtail.pipeline.config import ExtractionConfig
+    from longtail.storage.featurestore import FeatureStoreWriter
 
     arrays = _digits_arrays(workdir)
     with open(os.path.join(workdir, "digits_meta.json")) as f:
@@ -432,7 +432,7 @@ def plain_ce_loop(train, device: str, epochs: int, batch_size: int, lr: float, w
     import torch.nn.functional as F
     from torch import nn
 
-    from stages.device import resolve_device
+    from longtail.stages.device import resolve_device
 
     dev = resolve_device(device)
 
@@ -458,7 +458,7 @@ def plain_ce_loop(train, device: str, epochs: int, batch_size: int, lr: float, w
 
 
 def _test_metrics(logits, test, train) -> dict:
-    from stages.evaluate import evaluate
+    from longtail.stages.evaluate import evaluate
 
     m = evaluate(logits, test.labels, train.class_counts)
     return {k: m[k] for k in ("balanced_accuracy", "many", "medium", "few")}
@@ -479,7 +479,7 @@ def stage_head(device: str, url: str, name: str, epochs: int | None, repeats: in
 
     import numpy as np
 
-    from stages.base import make_method
+    from longtail.stages.base import make_method
 
     sets = _read_all(url)
     train, val, test = sets["train"], sets.get("val"), sets["test"]
@@ -547,8 +547,8 @@ def stage_evaluate(device: str, url: str, logits_path: str, repeats: int) -> dic
     """``stages.evaluate.evaluate`` on saved test logits."""
     import numpy as np
 
-    from stages.evaluate import evaluate
-    from storage.featurestore import open_store
+    from longtail.stages.evaluate import evaluate
+    from longtail.storage.featurestore import open_store
 
     fs = open_store(url)
     test = fs.read("test")
@@ -563,7 +563,7 @@ def stage_synth_write(device: str, workdir: str) -> dict:
     writer calls are timed (generation is reported separately)."""
     import numpy as np
 
-    from storage.featurestore import FeatureStoreWriter
+    from longtail.storage.featurestore import FeatureStoreWriter
 
     sizes, profile = synthetic_class_sizes()
     means = synthetic_means()
@@ -657,7 +657,7 @@ def machine_facts(device: str) -> dict:
     import torch
     import zarr
 
-    from stages.device import resolve_device
+    from longtail.stages.device import resolve_device
 
     dev = resolve_device(device)
     facts = {
@@ -678,7 +678,7 @@ def machine_facts(device: str) -> dict:
 
 
 def default_heads() -> list[str]:
-    from stages.base import known_methods
+    from longtail.stages.base import known_methods
 
     return known_methods() + ["ce+pc"]
 
@@ -695,7 +695,7 @@ def _run_head(**kwargs) -> dict:
 
 def _optim_key(epochs: int | None, name: str) -> tuple:
     """(epochs, batch size, lr, weight decay) that head ``name`` trains with: its baseline's."""
-    from stages.base import make_method
+    from longtail.stages.base import make_method
 
     p = _inner_params(make_method(name, _head_params("cpu", epochs)))
     return int(p["epochs"]), int(p["batch_size"]), float(p["lr"]), float(p["weight_decay"])
@@ -1021,8 +1021,8 @@ def main(argv=None) -> int:
         os.environ[var] = path  # inherited by every spawned child
     tempfile.tempdir = os.environ["TMPDIR"]
     try:
-        from stages.base import known_methods, make_method
-        from stages.errors import LongtailError
+        from longtail.stages.base import known_methods, make_method
+        from longtail.stages.errors import LongtailError
 
         try:
             facts = machine_facts(args.device)

@@ -97,7 +97,7 @@ def faiss_exact(x, k: int, chunk: int, queries: int):
     import faiss
     import numpy as np
 
-    from stages import neighbours as nb
+    from longtail.stages import neighbours as nb
 
     n = len(x)
     if not queries or queries >= n:
@@ -146,7 +146,7 @@ def torch_baseline(x, k: int, chunk: int, queries: int):
 
 
 def approximate(x, k: int, index: str, seed: int):
-    from stages import neighbours as nb
+    from longtail.stages import neighbours as nb
 
     table, dt, others = timed(lambda: nb.build_table(x, k, index=index, seed=seed))
     params = nb.index_params(index, len(x), {})
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     import torch
     import tqdm.auto  # noqa: F401  (imports are not timed)
 
-    import stages.neighbours  # noqa: F401
+    import longtail.stages.neighbours  # noqa: F401
 
     torch.set_num_threads(args.threads or cores())
     sets = [s for s in args.sets.split(",") if s]

@@ -70,12 +70,12 @@ from benchlib import (  # noqa: E402  (the ImageNet-LT-shaped generator, cores a
     SYN_CLASSES, busy_seconds, cores, cpu_name, own_cpu_s, synthetic_features, synthetic_labels)
 from readme import README, write_section  # noqa: E402
 
-import stages.dlsa as dlsa  # noqa: E402
-from stages.base import make_method  # noqa: E402
-from stages.data import FeatureSet  # noqa: E402
-from stages.datasets import exponential_profile  # noqa: E402
-from stages.evaluate import evaluate  # noqa: E402
-from stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY  # noqa: E402
+import longtail.stages.dlsa as dlsa  # noqa: E402
+from longtail.stages.base import make_method  # noqa: E402
+from longtail.stages.data import FeatureSet  # noqa: E402
+from longtail.stages.datasets import exponential_profile  # noqa: E402
+from longtail.stages.evaluate import evaluate  # noqa: E402
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY  # noqa: E402
 
 START_MARKER = "<!-- dlsa-study:start -->"
 END_MARKER = "<!-- dlsa-study:end -->"

@@ -39,10 +39,10 @@ for _p in (REPO, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from pipeline import glt  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
+from longtail.pipeline import glt  # noqa: E402
+from longtail.pipeline.config import parse_config  # noqa: E402
 from readme import write_section  # noqa: E402
-from stages.base import known_methods  # noqa: E402
+from longtail.stages.base import known_methods  # noqa: E402
 
 START_MARKER = "<!-- glt-study:start -->"
 END_MARKER = "<!-- glt-study:end -->"

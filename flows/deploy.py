@@ -14,8 +14,8 @@ from typing import Any
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from pipeline.config import RunConfig
-from stages.errors import LongtailError
+from longtail.pipeline.config import RunConfig
+from longtail.stages.errors import LongtailError
 
 
 def check_cron(cron: str) -> str:
@@ -54,7 +54,7 @@ def default_name(config_path: str) -> str:
 
 def build_deployment(cfg: RunConfig, cron: str, name: str, work_pool: str | None = None) -> RunnerDeployment:
     """The deployment object (not registered yet) of the full flow for ``cfg`` on ``cron``."""
-    from flows.pipeline_flow import longtail_flow
+    from longtail.flows.pipeline_flow import longtail_flow
 
     check_cron(cron)
     return longtail_flow.to_deployment(

@@ -14,9 +14,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runners import make_task_runner
-from pipeline import runner, tables
-from pipeline.config import MethodSpec, RunConfig, parse_config
+from longtail.flows.runners import make_task_runner
+from longtail.pipeline import runner, tables
+from longtail.pipeline.config import MethodSpec, RunConfig, parse_config
 
 
 @task(name="extract", cache_policy=NO_CACHE)

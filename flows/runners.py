@@ -11,8 +11,8 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from pipeline.config import RunnerConfig
-from stages.errors import LongtailError
+from longtail.pipeline.config import RunnerConfig
+from longtail.stages.errors import LongtailError
 
 CONNECT_TIMEOUT_S = 5.0
 

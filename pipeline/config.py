@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 
 class _Strict(BaseModel):

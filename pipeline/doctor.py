@@ -161,10 +161,10 @@ def smoke(device, workdir: str) -> list[Step]:
     """The tiny end-to-end job on ``device`` (a ``torch.device``) in ``workdir``; one Step per stage."""
     import torch
 
-    from pipeline.runner import split_logits
-    from stages import evaluate as ev
-    from stages.base import make_method
-    from storage.featurestore import FeatureStoreWriter, open_store
+    from longtail.pipeline.runner import split_logits
+    from longtail.stages import evaluate as ev
+    from longtail.stages.base import make_method
+    from longtail.storage.featurestore import FeatureStoreWriter, open_store
 
     steps: list[Step] = []
     ctx: dict[str, Any] = {}
@@ -213,7 +213,7 @@ def smoke(device, workdir: str) -> list[Step]:
     def knn() -> str:
         import faiss
 
-        from stages.neighbours import build_table
+        from longtail.stages.neighbours import build_table
 
         x = data["train"][0]
         table = build_table(x, KNN_K, device=str(device), chunk_rows=CHUNK_ROWS)  # the pipeline's own path
@@ -241,7 +241,7 @@ def run_doctor(device: str = "auto", quick: bool = False) -> dict[str, Any]:
 
     Raises LongtailError (before any work) when ``device`` names a device this machine cannot give.
     """
-    from stages.device import resolve_device
+    from longtail.stages.device import resolve_device
 
     dev = resolve_device(device)
     steps: list[Step] = []

@@ -20,9 +20,9 @@ import json
 import os
 from typing import Any, Callable
 
-from pipeline.config import RunConfig
-from stages.datasets import GLT_PROTOCOLS, PROTOCOL_DATASETS
-from stages.errors import LongtailError
+from longtail.pipeline.config import RunConfig
+from longtail.stages.datasets import GLT_PROTOCOLS, PROTOCOL_DATASETS
+from longtail.stages.errors import LongtailError
 
 #: ``glt.json``'s per-protocol metrics, and the ``metrics.json`` keys they come from.
 SUMMARY_KEYS: tuple[tuple[str, str], ...] = (
@@ -49,7 +49,7 @@ def use_groups(cfg: RunConfig, test_has_attributes: bool, where: str) -> bool:
 
 def group_info(test, attribute_names: list[str] | None) -> dict:
     """``metrics.json``'s ``groups``: the test samples per (class, attribute) group and the names."""
-    from stages.evaluate import group_counts
+    from longtail.stages.evaluate import group_counts
 
     counts = group_counts(test.labels, test.attributes, test.num_classes, len(attribute_names or []) or None)
     names = list(attribute_names or [])
@@ -120,7 +120,7 @@ def parse_protocols(text: str | None) -> list[str]:
 def protocol_configs(cfg: RunConfig, protocols: list[str]) -> list[tuple[str, RunConfig]]:
     """One config per protocol: ``dataset.protocol``, the store and the output overridden, the
     artifact cache shared. An error when the config has no dataset with attributes."""
-    from pipeline.config import parse_config
+    from longtail.pipeline.config import parse_config
 
     if cfg.dataset is None:
         raise LongtailError(
@@ -152,7 +152,7 @@ def run_protocols(cfg: RunConfig, protocols: list[str],
     """Run the pipeline once per protocol (``run``, default :func:`pipeline.runner.run_all`), then
     write ``glt.json``, ``glt.md`` and ``glt.html`` into the config's output. Every protocol's
     checks run before any of them starts."""
-    from pipeline import runner
+    from longtail.pipeline import runner
 
     plan = protocol_configs(cfg, protocols)
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
@@ -166,8 +166,8 @@ def run_protocols(cfg: RunConfig, protocols: list[str],
 
 def write_summary(cfg: RunConfig, plan: list[tuple[str, RunConfig]], per_protocol: dict[str, dict]) -> dict:
     """``OUTPUT/glt.json`` and the ``glt.md`` / ``glt.html`` tables from each protocol's metrics."""
-    from pipeline.runner import _json_clean, _write_atomic
-    from stages.report import render_tables
+    from longtail.pipeline.runner import _json_clean, _write_atomic
+    from longtail.stages.report import render_tables
 
     methods: dict[str, dict] = {}
     for p, metrics in per_protocol.items():

@@ -18,20 +18,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import glt
-from pipeline.config import MethodSpec, RunConfig
-from pipeline.keys import (evaluate_code_version, extract_code_version, method_code_version,
+from longtail.pipeline import glt
+from longtail.pipeline.config import MethodSpec, RunConfig
+from longtail.pipeline.keys import (evaluate_code_version, extract_code_version, method_code_version,
                            report_code_version, stable_hash)
-from stages.base import Method, SUFFIX_WRAPPERS, make_method, needs_full_split
-from stages.data import FeatureSet
-from stages.datasets import load_dataset
-from stages.calibrate import logit_prior
-from stages.dlsa import DLSA, FlowCascade, diagnostics
-from stages.errors import LongtailError
-from stages import extract as ex
-from stages.label_shift import shifted_evaluation
-from storage.artifacts import ArtifactStore, load_tensors, save_tensors
-from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
+from longtail.stages.base import Method, SUFFIX_WRAPPERS, make_method, needs_full_split
+from longtail.stages.data import FeatureSet
+from longtail.stages.datasets import load_dataset
+from longtail.stages.calibrate import logit_prior
+from longtail.stages.dlsa import DLSA, FlowCascade, diagnostics
+from longtail.stages.errors import LongtailError
+from longtail.stages import extract as ex
+from longtail.stages.label_shift import shifted_evaluation
+from longtail.storage.artifacts import ArtifactStore, load_tensors, save_tensors
+from longtail.storage.featurestore import FeatureStore, FeatureStoreWriter, open_store, store_status
 
 log = logging.getLogger("longtail")
 
@@ -339,7 +339,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
         method.set_cascade(load_cascade(cfg, method, cascade_res.key))
         t0 = time.perf_counter() - head_res.fit_seconds - cascade_res.fit_seconds
     else:
-        from pipeline import tables  # (pipeline.tables imports this module)
+        from longtail.pipeline import tables  # (pipeline.tables imports this module)
         if tables.table_user(method) is not None:  # the neighbour table: an artifact of its own, shared
             train = fit_split(method, fs)  # read once, for the fit and for a table still to build
             t0 = time.perf_counter() - tables.attach_table(
@@ -410,7 +410,7 @@ class MethodPlan:
 
 
 def method_plan(cfg: RunConfig) -> MethodPlan:
-    from pipeline import tables  # (pipeline.tables imports this module)
+    from longtail.pipeline import tables  # (pipeline.tables imports this module)
 
     cascades = [s for s in cfg.methods if uses_dlsa(s.name)]
     heads = [s for s in cfg.methods if not split_wrappers(s.name)[1] and s not in cascades]
@@ -555,7 +555,7 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
 
     Keyed like every stage: when ``metrics.json`` was written from the same inputs (see
     :func:`evaluate_inputs`), it is returned as it is (NaN metrics read back as None)."""
-    from stages import evaluate as ev
+    from longtail.stages import evaluate as ev
 
     inputs = evaluate_inputs(cfg, store, results)
     key = evaluate_key(inputs)
@@ -660,8 +660,8 @@ def render_report(out_dir: str, ece_bins: int = 20, force: bool = True) -> tuple
     """(Re)render ``report.md``/``report.html`` and the plots from ``OUT/metrics.json`` and
     ``OUT/evaluation.npz``. With ``force=False`` (pipeline runs) a report rendered from the same
     metrics by the same code is kept as it is."""
-    from stages import evaluate as ev
-    from stages import report as rp
+    from longtail.stages import evaluate as ev
+    from longtail.stages import report as rp
 
     mpath = os.path.join(out_dir, "metrics.json")
     dpath = os.path.join(out_dir, "evaluation.npz")
@@ -873,10 +873,10 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     each method's own); each method's ``accuracy_estimated_prior`` uses its own estimate. Accuracies
     are null when the target split has no labels.
     """
-    from stages.calibrate import post_compensate
-    from stages.evaluate import accuracy
-    from stages.priors import ESTIMATORS
-    from stages.label_shift import estimate_prior, positive_prior, total_variation
+    from longtail.stages.calibrate import post_compensate
+    from longtail.stages.evaluate import accuracy
+    from longtail.stages.priors import ESTIMATORS
+    from longtail.stages.label_shift import estimate_prior, positive_prior, total_variation
 
     if how not in ESTIMATORS:
         raise LongtailError(f"--method {how!r}: use one of {', '.join(ESTIMATORS)}")
@@ -944,8 +944,8 @@ def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = 
     reuse) one DLSA flow cascade per store with the same parameters and write
     ``OUT/dlsa_diagnostics.json`` = ``{"params": {...}, "stores": {URL: diagnostics}}`` and one
     plot per store, so that backbones can be compared on equal terms."""
-    from stages import report as rp
-    from pipeline.config import parse_config
+    from longtail.stages import report as rp
+    from longtail.pipeline.config import parse_config
 
     if not stores:
         raise LongtailError("dlsa-diagnostics: name at least one store")

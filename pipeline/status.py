@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import runner
-from pipeline.config import RunConfig
-from storage.featurestore import open_store, store_status
+from longtail.pipeline import runner
+from longtail.pipeline.config import RunConfig
+from longtail.storage.featurestore import open_store, store_status
 
 CACHED, STALE, MISSING = "cached", "stale", "missing"
 

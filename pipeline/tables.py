@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MethodSpec, RunConfig
-from pipeline.keys import stable_hash, table_code_version
-from pipeline.runner import MethodResult, StoreInfo, artifact_store, build_method, train_artifact
-from stages.base import Method
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.neighbours import METRICS, NeighbourTable, build_table, check_k, index_params, table_fingerprint
-from storage.artifacts import load_tensors, save_tensors
-from storage.featurestore import open_store
+from longtail.pipeline.config import MethodSpec, RunConfig
+from longtail.pipeline.keys import stable_hash, table_code_version
+from longtail.pipeline.runner import MethodResult, StoreInfo, artifact_store, build_method, train_artifact
+from longtail.stages.base import Method
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.neighbours import METRICS, NeighbourTable, build_table, check_k, index_params, table_fingerprint
+from longtail.storage.artifacts import load_tensors, save_tensors
+from longtail.storage.featurestore import open_store
 
 KIND = "neighbours"
 #: neighbours are train samples of train samples (paper 000, appendix B.II)

@@ -23,8 +23,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from stages.data import FeatureSet
-from stages.errors import LongtailError
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
 
 
 class Method:
@@ -310,4 +310,4 @@ def known_methods() -> list[str]:
 
 def _ensure_registered() -> None:
     """Import the modules that register methods (one registry line per module)."""
-    import stages.registry  # noqa: F401  (side effect: registration)
+    import longtail.stages.registry  # noqa: F401  (side effect: registration)

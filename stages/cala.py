@@ -42,14 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.base import register
-from stages.calibrate import prior_from_log
-from stages.data import FeatureSet
-from stages.device import resolve_device
-from stages.errors import LongtailError
-from stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, LinearClassifier, _check_number, _Head, train_module
-from stages.losses.cala import cala_adjustment, cala_loss, dynamic_la_adjustment
-from stages.neighbours import INDEXES, NeighbourTable, build_table, table_fingerprint
+from longtail.stages.base import register
+from longtail.stages.calibrate import prior_from_log
+from longtail.stages.data import FeatureSet
+from longtail.stages.device import resolve_device
+from longtail.stages.errors import LongtailError
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, LinearClassifier, _check_number, _Head, train_module
+from longtail.stages.losses.cala import cala_adjustment, cala_loss, dynamic_la_adjustment
+from longtail.stages.neighbours import INDEXES, NeighbourTable, build_table, table_fingerprint
 
 #: paper 000 defaults: tau1 = 1.5, tau2 = 1 (section "Experiments for Class Imbalance"), MixUp alpha
 #: 0.2 and smoothing 0.05 (appendix B.II); K = 30 inside the paper's grid 10-100

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stages.base import Method, Wrapper, register
-from stages.data import FeatureSet
-from stages.errors import LongtailError
+from longtail.stages.base import Method, Wrapper, register
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
 
 #: a prior whose sum is off by at most this much is renormalised with a warning
 RENORMALISE_TOLERANCE = 1e-6

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 
 @dataclass(frozen=True, eq=False)

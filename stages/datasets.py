@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 
 @dataclass(frozen=True, eq=False)

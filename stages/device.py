@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

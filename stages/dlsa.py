@@ -97,12 +97,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.base import Method, Wrapper, check_number, register
-from stages.data import FeatureSet
-from stages.device import resolve_device
-from stages.errors import LongtailError
-from stages.heads import LinearClassifier, _Head, balanced_moments, train_module
-from stages.losses.dlsa import (
+from longtail.stages.base import Method, Wrapper, check_number, register
+from longtail.stages.data import FeatureSet
+from longtail.stages.device import resolve_device
+from longtail.stages.errors import LongtailError
+from longtail.stages.heads import LinearClassifier, _Head, balanced_moments, train_module
+from longtail.stages.losses.dlsa import (
     balancedness_loss,
     batch_cluster_posterior,
     bias_corrected,
@@ -893,7 +893,7 @@ class DLSA(Wrapper):
     def logit_prior(self) -> np.ndarray:
         """The prior the logits carry (for ``+pc``): the head's, since every cluster-aided
         classifier is trained with the head's loss and the global train counts."""
-        from stages.calibrate import logit_prior
+        from longtail.stages.calibrate import logit_prior
 
         return logit_prior(self.base)
 

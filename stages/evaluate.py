@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 __all__ = [
     "METRIC_KEYS",

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.device import resolve_device
-from stages.errors import LongtailError
+from longtail.stages.device import resolve_device
+from longtail.stages.errors import LongtailError
 
 
 class SmallCNN(nn.Module):

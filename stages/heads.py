@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.base import Method, check_number, register
-from stages.calibrate import prior_from_log
-from stages.data import FeatureSet
-from stages.device import resolve_device
-from stages.errors import LongtailError
-from stages.evaluate import per_class_accuracy
-from stages.losses import (
+from longtail.stages.base import Method, check_number, register
+from longtail.stages.calibrate import prior_from_log
+from longtail.stages.data import FeatureSet
+from longtail.stages.device import resolve_device
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import per_class_accuracy
+from longtail.stages.losses import (
     balanced_softmax_loss,
     class_balanced_weights,
     cross_entropy,

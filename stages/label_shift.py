@@ -19,10 +19,10 @@ import warnings
 
 import numpy as np
 
-from stages.calibrate import post_compensate
-from stages.evaluate import accuracy, softmax
-from stages.priors import bbse_prior, em_prior
-from stages.shift import RATIOS, shifted_subsets
+from longtail.stages.calibrate import post_compensate
+from longtail.stages.evaluate import accuracy, softmax
+from longtail.stages.priors import bbse_prior, em_prior
+from longtail.stages.shift import RATIOS, shifted_subsets
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:

@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stages.base import register
-from stages.calibrate import validate_prior
-from stages.data import FeatureSet
-from stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, _check_number, _Head
-from stages.losses.lade import lade_loss
+from longtail.stages.base import register
+from longtail.stages.calibrate import validate_prior
+from longtail.stages.data import FeatureSet
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, _check_number, _Head
+from longtail.stages.losses.lade import lade_loss
 
 #: default LADER weight alpha (eq. 20) and Donsker-Varadhan regulariser lambda (eq. 9, 15): see the module docstring
 ALPHA = 0.1

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 log = logging.getLogger("longtail")
 
@@ -198,7 +198,7 @@ def _gpu_id(device: Any, k: int) -> int | None:
     """The CUDA device faiss should use, or None for the CPU."""
     import faiss
 
-    from stages.device import resolve_device
+    from longtail.stages.device import resolve_device
 
     if str(device).strip().lower() == "cpu":  # (spares the import of torch)
         return None

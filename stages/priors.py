@@ -20,11 +20,11 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from stages.base import Method
-from stages.calibrate import logit_prior, validate_prior
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.evaluate import softmax
+from longtail.stages.base import Method
+from longtail.stages.calibrate import logit_prior, validate_prior
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import softmax
 
 __all__ = ["PriorEstimate", "bbse_prior", "em_prior", "estimate_target_prior", "ESTIMATORS"]
 

@@ -3,8 +3,8 @@
 Adding a method is one module plus one line here.
 """
 
-from stages import heads  # noqa: F401
-from stages import calibrate  # noqa: F401
-from stages import lade  # noqa: F401
-from stages import dlsa  # noqa: F401
-from stages import cala  # noqa: F401
+from longtail.stages import heads  # noqa: F401
+from longtail.stages import calibrate  # noqa: F401
+from longtail.stages import lade  # noqa: F401
+from longtail.stages import dlsa  # noqa: F401
+from longtail.stages import cala  # noqa: F401

@@ -50,8 +50,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from stages.errors import LongtailError
-from stages.evaluate import METRIC_KEYS, _ece_from_bins, reliability_bins, shot_groups
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import METRIC_KEYS, _ece_from_bins, reliability_bins, shot_groups
 
 __all__ = [
     "REPORT_COLUMNS",

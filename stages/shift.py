@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 __all__ = ["RATIOS", "DIRECTIONS", "ShiftedSubset", "shifted_counts", "shifted_subsets", "train_rank"]
 

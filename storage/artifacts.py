@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import LongtailError
-from storage.fs import check_access, is_local, join
-from storage.locks import DEFAULT_TIMEOUT, WriterLock
+from longtail.stages.errors import LongtailError
+from longtail.storage.fs import check_access, is_local, join
+from longtail.storage.locks import DEFAULT_TIMEOUT, WriterLock
 
 MARKER = "_COMPLETE"
 META = "meta.json"

@@ -63,10 +63,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from storage.fs import check_access, join, json_hash, remote_error, zarr_store
-from storage.locks import DEFAULT_TIMEOUT, WriterLock
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.storage.fs import check_access, join, json_hash, remote_error, zarr_store
+from longtail.storage.locks import DEFAULT_TIMEOUT, WriterLock
 
 SCHEMA_VERSION = 1
 

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 #: bytes read at a time when hashing a file
 HASH_BLOCK = 8 << 20

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.errors import LongtailError
-from storage.featurestore import SPLIT_NAME, FeatureStore, FeatureStoreWriter, open_store, store_status
-from storage.locks import DEFAULT_TIMEOUT
-from storage.fs import check_access, file_hash, is_local, json_hash
+from longtail.stages.errors import LongtailError
+from longtail.storage.featurestore import SPLIT_NAME, FeatureStore, FeatureStoreWriter, open_store, store_status
+from longtail.storage.locks import DEFAULT_TIMEOUT
+from longtail.storage.fs import check_access, file_hash, is_local, json_hash
 
 EXTENSIONS = (".npz", ".h5", ".hdf5")
 KEYS = ("features", "labels", "attributes")

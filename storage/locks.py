@@ -34,8 +34,8 @@ import uuid
 import weakref
 from typing import Any
 
-from stages.errors import LongtailError
-from storage.fs import is_local
+from longtail.stages.errors import LongtailError
+from longtail.storage.fs import is_local
 
 log = logging.getLogger("longtail.storage")
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 ArrayLike = np.ndarray | Sequence[float] | torch.Tensor
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 __all__ = [
     "balancedness_loss",

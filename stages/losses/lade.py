@@ -29,8 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stages.errors import LongtailError
-from stages.losses.classic import ArrayLike, cross_entropy, log_prior
+from longtail.stages.errors import LongtailError
+from longtail.stages.losses.classic import ArrayLike, cross_entropy, log_prior
 
 __all__ = ["lade_ce_loss", "lade_loss", "lader_loss", "lader_terms"]
 

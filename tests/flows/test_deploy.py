@@ -13,14 +13,14 @@ def config(imported_run):
 
 
 def test_deployment_object_has_schedule_and_parameters(config):
-    from flows.deploy import build_deployment
-    from pipeline.config import load_config
+    from longtail.flows.deploy import build_deployment
+    from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
     dep = build_deployment(cfg, "0 3 * * 1", "nightly")
     assert dep.name == "nightly"
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"]
-    assert dep.entrypoint == "flows.pipeline_flow.longtail_flow"
+    assert dep.entrypoint == "longtail.flows.pipeline_flow.longtail_flow"
     params = dep.parameters["config"]
     assert params["methods"] == [{"name": "ce", "params": FAST}, {"name": "ce+pc", "params": FAST}]
     assert os.path.isabs(params["store"]) and os.path.isabs(params["output"])

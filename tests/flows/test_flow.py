@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from pipeline.config import parse_config
+from longtail.pipeline.config import parse_config
 
 
 def test_flow_runs_and_second_run_skips_everything(harness, tmp_path, monkeypatch):
-    from flows.pipeline_flow import longtail_flow
-    from stages import base, extract
+    from longtail.flows.pipeline_flow import longtail_flow
+    from longtail.stages import base, extract
 
     config = {
         "store": str(tmp_path / "features.zarr"),
@@ -38,7 +38,7 @@ def test_flow_runs_and_second_run_skips_everything(harness, tmp_path, monkeypatc
     monkeypatch.setattr(extract, "train_small_cnn", boom)
     monkeypatch.setattr(extract, "extract_chunks", boom)
     monkeypatch.setattr(base.Method, "fit", boom)
-    from stages import dlsa
+    from longtail.stages import dlsa
 
     monkeypatch.setattr(dlsa.FlowCascade, "fit", boom)
     again = longtail_flow(config)

@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from pipeline.config import parse_config
-from stages.errors import LongtailError
+from longtail.pipeline.config import parse_config
+from longtail.stages.errors import LongtailError
 
 from tests.pipeline.conftest import FAST, gaussian_split
 
@@ -14,7 +14,7 @@ from tests.pipeline.conftest import FAST, gaussian_split
 def store(tmp_path):
     import numpy as np
 
-    from storage.importers import import_features
+    from longtail.storage.importers import import_features
 
     files = {}
     for name, counts, seed in (("train", [60, 25, 10, 4], 0), ("val", [15] * 4, 1), ("test", [30] * 4, 2)):
@@ -33,7 +33,7 @@ def _config(store, out, runner):
 
 
 def test_dask_runner_matches_thread_runner(harness, store, tmp_path):
-    from flows.pipeline_flow import longtail_flow
+    from longtail.flows.pipeline_flow import longtail_flow
 
     threads = longtail_flow(_config(store, tmp_path / "threads", {"kind": "threads", "workers": 2}))
     dask = longtail_flow(_config(store, tmp_path / "dask", {"kind": "dask", "workers": 2}))
@@ -53,7 +53,7 @@ def _closed_port() -> int:
 
 
 def test_unreachable_dask_scheduler_is_one_line(tmp_path):
-    from flows.runners import check_runner
+    from longtail.flows.runners import check_runner
 
     cfg = parse_config(_config("x.zarr", tmp_path, {"kind": "dask", "address": f"tcp://127.0.0.1:{_closed_port()}"}))
     with pytest.raises(LongtailError, match="Dask scheduler at 'tcp://127.0.0.1:.*' is unreachable"):
@@ -68,7 +68,7 @@ def test_address_needs_a_cluster_runner(tmp_path):
 def test_unreachable_prefect_api_is_one_line(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.runners import check_prefect_api
+    from longtail.flows.runners import check_prefect_api
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{_closed_port()}/api"}):
         with pytest.raises(LongtailError, match="Prefect API at .* is unreachable"):

@@ -3,7 +3,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from longtail.flows.cli import app
 
 FAST = {"epochs": 5, "batch_size": 64}
 

@@ -5,13 +5,13 @@ run's device, not on the device it was fitted on."""
 import numpy as np
 import pytest
 
-from pipeline import runner
-from pipeline.config import MethodSpec, parse_config
-from stages.base import make_method, needs_full_split
-from stages.calibrate import logit_prior, post_compensate
-from stages.errors import LongtailError
-from storage.artifacts import ArtifactStore, save_tensors
-from storage.featurestore import FeatureStore, FeatureStoreWriter, open_store
+from longtail.pipeline import runner
+from longtail.pipeline.config import MethodSpec, parse_config
+from longtail.stages.base import make_method, needs_full_split
+from longtail.stages.calibrate import logit_prior, post_compensate
+from longtail.stages.errors import LongtailError
+from longtail.storage.artifacts import ArtifactStore, save_tensors
+from longtail.storage.featurestore import FeatureStore, FeatureStoreWriter, open_store
 from tests.pipeline.conftest import FAST, gaussian_split
 
 CHUNK = 7  # rows per stored chunk: every split spans several chunks, the last one partial
@@ -94,7 +94,7 @@ def test_needs_full_split():
     assert needs_full_split(pc)  # its base is not fitted yet: fitting pc fits ce on every row
     assert needs_full_split(make_method("dlsa+ce", FAST))
     x, y = gaussian_split([20, 10, 5, 3])
-    from stages.data import FeatureSet
+    from longtail.stages.data import FeatureSet
 
     pc.base.fit(FeatureSet(x, y, np.bincount(y), list("abcd")))
     assert not needs_full_split(pc)  # only the prior is left to fit

@@ -28,7 +28,7 @@ def test_run_on_imported_store_writes_the_metrics_contract(imported_run):
 
 
 def test_stage_rerun_refits_only_that_method(imported_run):
-    from storage.artifacts import ArtifactStore
+    from longtail.storage.artifacts import ArtifactStore
 
     art = ArtifactStore(str(imported_run["out"] / "cache"))
     before = set(art.keys("method"))

@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.config import demo_config, load_config, parse_config
-from pipeline.keys import stable_hash
-from stages.errors import LongtailError
+from longtail.pipeline.config import demo_config, load_config, parse_config
+from longtail.pipeline.keys import stable_hash
+from longtail.stages.errors import LongtailError
 
 BASE = {"store": "s.zarr", "output": "out", "methods": ["ce"]}
 

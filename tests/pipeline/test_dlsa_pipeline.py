@@ -4,15 +4,15 @@ import json
 
 import pytest
 
-from pipeline import runner
-from pipeline.config import parse_config
+from longtail.pipeline import runner
+from longtail.pipeline.config import parse_config
 from tests.pipeline.conftest import assert_user_error, invoke
 
 DLSA = {"num_filters": 2, "num_clusters": 4, "flow_epochs": 2, "flow_hidden": 16, "tail_threshold": 10}
 
 
 def test_one_cascade_serves_every_head(imported_run, tmp_path, monkeypatch):
-    from stages import dlsa
+    from longtail.stages import dlsa
 
     fits = []
     real_fit = dlsa.FlowCascade.fit

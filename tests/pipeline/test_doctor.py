@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import doctor, runner
-from stages.device import resolve_device
-from stages.errors import LongtailError
+from longtail.pipeline import doctor, runner
+from longtail.stages.device import resolve_device
+from longtail.stages.errors import LongtailError
 from tests.pipeline.conftest import assert_user_error, invoke
 
 STEPS = ["imports", "store", "fit", "logits", "knn", "metrics"]

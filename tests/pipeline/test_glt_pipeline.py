@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import glt
-from pipeline.config import parse_config
-from stages import evaluate as ev
-from stages.errors import LongtailError
-from storage.featurestore import open_store
+from longtail.pipeline import glt
+from longtail.pipeline.config import parse_config
+from longtail.stages import evaluate as ev
+from longtail.stages.errors import LongtailError
+from longtail.storage.featurestore import open_store
 from tests.pipeline.conftest import FAST, assert_user_error, gaussian_split, invoke
 
 GLT_FAST = {"name": "digits-glt"}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import runner
-from pipeline.config import parse_config
-from stages.errors import LongtailError
-from storage.featurestore import open_store, store_status
+from longtail.pipeline import runner
+from longtail.pipeline.config import parse_config
+from longtail.stages.errors import LongtailError
+from longtail.storage.featurestore import open_store, store_status
 
 
 def digits_net(hidden: int = 12):
@@ -33,7 +33,7 @@ def test_python_backbone_extracts_classifier_inputs_and_is_reused(tmp_path):
     train = store.read("train")
     assert train.dim == 12 and len(train) == 353
     net = digits_net()
-    from stages.datasets import digits_lt
+    from longtail.stages.datasets import digits_lt
 
     images = digits_lt().splits["train"].images
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_python_backbone_extracts_classifier_inputs_and_is_reused(tmp_path):
 
 def test_interrupted_extraction_resumes_without_rewriting_finished_splits(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
-    from storage import featurestore
+    from longtail.storage import featurestore
 
     real_begin = featurestore.FeatureStoreWriter.begin_split
 
@@ -96,7 +96,7 @@ def test_parameter_change_refits_only_that_method(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, methods=methods)
     runner.run_all(cfg)
     fitted = []
-    from stages import base
+    from longtail.stages import base
 
     real_fit = base.Method.fit
 

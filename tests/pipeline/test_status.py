@@ -47,7 +47,7 @@ def test_param_change_marks_exactly_the_dependents_and_stage_recomputes_them(imp
     assert "params changed: epochs 5 -> 6" in stages["method:ce"]["reason"]
     assert "method:ce" in stages["evaluate"]["reason"]
 
-    from stages import base
+    from longtail.stages import base
 
     fitted = []
     real_fit = base.Method.fit

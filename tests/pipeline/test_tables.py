@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import keys, runner, tables
-from pipeline.config import MethodSpec, parse_config
-from stages import base, neighbours
-from stages.base import Method
-from storage.artifacts import ArtifactStore, save_tensors
+from longtail.pipeline import keys, runner, tables
+from longtail.pipeline.config import MethodSpec, parse_config
+from longtail.stages import base, neighbours
+from longtail.stages.base import Method
+from longtail.storage.artifacts import ArtifactStore, save_tensors
 from tests.pipeline.conftest import assert_user_error, invoke
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import stages.cala as cala_module
-from stages.base import make_method
-from stages.calibrate import logit_prior
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.heads import LinearClassifier
-from stages.losses.cala import (
+import longtail.stages.cala as cala_module
+from longtail.stages.base import make_method
+from longtail.stages.calibrate import logit_prior
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.heads import LinearClassifier
+from longtail.stages.losses.cala import (
     cala_adjustment,
     cala_loss,
     dynamic_la_adjustment,
@@ -22,7 +22,7 @@ from stages.losses.cala import (
     neighbourhood_prediction,
     smooth_with_class_averages,
 )
-from stages.neighbours import NeighbourTable, build_table
+from longtail.stages.neighbours import NeighbourTable, build_table
 
 # ---------------------------------------------------------------------- a 4-sample toy table
 # 3 classes; class 2 (row 3) is nobody's neighbour, class 1 is absent from row 2's neighbourhood
@@ -299,7 +299,7 @@ def test_k_not_smaller_than_the_train_split_and_bad_tables_raise(train):
 def test_class_sums_agree_on_both_paths():
     """The accelerator path (weighted embedding_bag over the identity, a fixed summation order) gives
     the CPU path's scatter-add sums."""
-    from stages.losses.cala import _class_sums
+    from longtail.stages.losses.cala import _class_sums
 
     g = torch.Generator().manual_seed(5)
     classes = torch.randint(7, (40, 9), generator=g)

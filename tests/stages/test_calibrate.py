@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.base import make_method
-from stages.calibrate import (
+from longtail.stages.base import make_method
+from longtail.stages.calibrate import (
     PostCompensatedSoftmax,
     TemperatureScaling,
     fit_temperature,
@@ -15,9 +15,9 @@ from stages.calibrate import (
     post_compensate,
     validate_prior,
 )
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.evaluate import nll
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import nll
 
 
 def _softmax(z):
@@ -312,7 +312,7 @@ def test_logit_prior_of_the_other_heads(imbalanced):
 
 
 def test_a_method_without_its_own_logit_prior_is_taken_to_carry_the_train_prior(imbalanced):
-    from stages.base import Method
+    from longtail.stages.base import Method
 
     class Raw(Method):  # not registered: a method written elsewhere
         def _fit(self, train, val):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from stages.datasets import digits_lt, exponential_profile, load_dataset
-from stages.errors import LongtailError
+from longtail.stages.datasets import digits_lt, exponential_profile, load_dataset
+from longtail.stages.errors import LongtailError
 
 
 def test_exponential_profile_by_hand():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import stages.dlsa as dlsa
-from stages.base import make_method
-from stages.data import FeatureSet
-from stages.dlsa import (
+import longtail.stages.dlsa as dlsa
+from longtail.stages.base import make_method
+from longtail.stages.data import FeatureSet
+from longtail.stages.dlsa import (
     DLSA,
     ClusterAidedModule,
     FlowCascade,
@@ -24,9 +24,9 @@ from stages.dlsa import (
     filter_sizes,
     quantile_threshold,
 )
-from stages.errors import LongtailError
-from stages.heads import BalancedSoftmaxHead, LinearClassifier
-from stages.losses.dlsa import (
+from longtail.stages.errors import LongtailError
+from longtail.stages.heads import BalancedSoftmaxHead, LinearClassifier
+from longtail.stages.losses.dlsa import (
     balancedness_loss,
     batch_cluster_posterior,
     bias_corrected,

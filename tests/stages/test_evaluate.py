@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-import stages.evaluate as ev
-from stages.errors import LongtailError
-from stages.evaluate import (
+import longtail.stages.evaluate as ev
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import (
     METRIC_KEYS,
     brier_score,
     classwise_ece,

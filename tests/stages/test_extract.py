@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages import extract as ex
-from stages.errors import LongtailError
+from longtail.stages import extract as ex
+from longtail.stages.errors import LongtailError
 
 
 class Net(nn.Module):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from stages import evaluate as ev
-from stages.datasets import (
+from longtail.stages import evaluate as ev
+from longtail.stages.datasets import (
     attribute_shares,
     attribute_transform,
     digits_glt,
@@ -12,7 +12,7 @@ from stages.datasets import (
     exponential_profile,
     load_dataset,
 )
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 
 def table(split, a=3):
@@ -163,7 +163,7 @@ def test_group_metrics_bad_attributes():
 
 
 def test_group_accuracy_plot(tmp_path):
-    from stages.report import plot_group_accuracy
+    from longtail.stages.report import plot_group_accuracy
 
     table = [[1.0, None], [0.25, 0.5]]  # as metrics.json holds it, null for an empty group
     path = plot_group_accuracy(table, ["a", "b"], ["x", "y"], "ce", tmp_path / "g.png")

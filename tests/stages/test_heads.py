@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-import stages.heads as heads
-from stages.base import make_method
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.heads import (
+import longtail.stages.heads as heads
+from longtail.stages.base import make_method
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.heads import (
     TAU_GRID,
     ClassBalancedSampler,
     deferred_reweighting_epoch,
     instance_balanced_indices,
 )
-from stages.losses import class_balanced_weights, ldam_loss
+from longtail.stages.losses import class_balanced_weights, ldam_loss
 
 COUNTS = [200, 100, 40, 15, 5]
 NAMES = tuple("abcde")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.base import make_method
-from stages.calibrate import logit_prior, post_compensate
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.losses.classic import balanced_softmax_loss
-from stages.losses.lade import lade_ce_loss, lade_loss, lader_loss, lader_terms
+from longtail.stages.base import make_method
+from longtail.stages.calibrate import logit_prior, post_compensate
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.losses.classic import balanced_softmax_loss
+from longtail.stages.losses.lade import lade_ce_loss, lade_loss, lader_loss, lader_terms
 
 # ---------------------------------------------------------------------- the loss by hand
 # 4 samples, 3 classes, class 2 absent from the batch

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import LongtailError
-from stages.losses import (
+from longtail.stages.errors import LongtailError
+from longtail.stages.losses import (
     balanced_softmax_loss,
     class_balanced_weights,
     cross_entropy,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.base import PREFIX_WRAPPERS, Method, Wrapper, known_methods, make_method
-from stages.data import FeatureSet
-from stages.errors import LongtailError
+from longtail.stages.base import PREFIX_WRAPPERS, Method, Wrapper, known_methods, make_method
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
 
 C, D = 4, 6
 NAMES = ("a", "b", "c", "d")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import LongtailError
-from stages.neighbours import NeighbourTable, build_table, index_params
+from longtail.stages.errors import LongtailError
+from longtail.stages.neighbours import NeighbourTable, build_table, index_params
 
 
 def clustered(n=600, dim=16, clusters=6, seed=0):

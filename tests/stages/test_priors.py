@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from stages.base import make_method
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from stages.priors import bbse_prior, em_prior, estimate_target_prior
+from longtail.stages.base import make_method
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.stages.priors import bbse_prior, em_prior, estimate_target_prior
 
 MEANS = np.array([[0.0, 0.0], [2.5, 0.0], [0.0, 2.5], [2.5, 2.5]])
 SOURCE = np.array([0.55, 0.25, 0.15, 0.05])

@@ -10,9 +10,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from stages.errors import LongtailError
-from stages.evaluate import confusion, evaluate, per_class_accuracy, softmax
-from stages.report import plot_confusion, plot_per_class_accuracy, plot_reliability, render_report
+from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import confusion, evaluate, per_class_accuracy, softmax
+from longtail.stages.report import plot_confusion, plot_per_class_accuracy, plot_reliability, render_report
 
 C = 10
 NAMES = [f"class_{i}" for i in range(C)]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from stages.errors import LongtailError
-from stages.shift import RATIOS, shifted_counts, shifted_subsets, train_rank
+from longtail.stages.errors import LongtailError
+from longtail.stages.shift import RATIOS, shifted_counts, shifted_subsets, train_rank
 
 C = 10
 # train counts in a scrambled class order: the most frequent class is 3, then 7, ...

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import LongtailError
-from storage.artifacts import MARKER, ArtifactStore, dump_json, load_json, load_tensors, save_tensors
+from longtail.stages.errors import LongtailError
+from longtail.storage.artifacts import MARKER, ArtifactStore, dump_json, load_json, load_tensors, save_tensors
 
 KEY = "0123456789abcdef" * 2
 OTHER = "fedcba9876543210" * 2
@@ -150,9 +150,9 @@ def test_non_local_backend_writes_the_marker_last_under_the_key_lock(monkeypatch
 
 def test_a_remote_root_is_probed_once_per_filesystem_and_bucket(monkeypatch):
     # the pipeline opens the artifact store for every stage: the backend is asked once
-    import storage.fs
+    import longtail.storage.fs
 
-    monkeypatch.setattr(storage.fs, "_PROBED", {})
+    monkeypatch.setattr(longtail.storage.fs, "_PROBED", {})
     fs = fsspec.filesystem("memory")
     probes = []
     real = fs.exists

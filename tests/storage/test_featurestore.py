@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from stages.data import FeatureSet
-from stages.errors import LongtailError
-from storage.featurestore import FeatureStoreWriter, open_store, store_status
+from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
+from longtail.storage.featurestore import FeatureStoreWriter, open_store, store_status
 
 D = 6
 NAMES = ["cat", "dog", "emu"]

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.errors import LongtailError
-from storage import importers
-from storage.featurestore import open_store, store_status
-from storage.importers import import_features, load_feature_file
+from longtail.stages.errors import LongtailError
+from longtail.storage import importers
+from longtail.storage.featurestore import open_store, store_status
+from longtail.storage.importers import import_features, load_feature_file
 
 D = 5
 
@@ -324,7 +324,7 @@ def test_labels_of_unlabelled_capable_splits_are_still_checked(tmp_path):
 def _cli(*args):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from longtail.flows.cli import app
 
     return CliRunner().invoke(app, ["import-features", *[str(a) for a in args]])
 

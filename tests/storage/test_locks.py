@@ -15,10 +15,10 @@ import uuid
 import fsspec
 import pytest
 
-from stages.errors import LongtailError
-from storage.artifacts import ArtifactStore
-from storage.featurestore import FeatureStoreWriter, open_store
-from storage.locks import WriterLock, create_exclusive
+from longtail.stages.errors import LongtailError
+from longtail.storage.artifacts import ArtifactStore
+from longtail.storage.featurestore import FeatureStoreWriter, open_store
+from longtail.storage.locks import WriterLock, create_exclusive
 from tests.storage.test_featurestore import build, make_data, plan, snapshot, write_split
 
 KEY = "0123456789abcdef" * 2

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from pipeline.config import parse_config  # noqa: E402
-from stages.errors import LongtailError  # noqa: E402
-from storage.artifacts import ArtifactStore, load_tensors, save_tensors  # noqa: E402
-from storage.featurestore import FeatureStoreWriter, open_store, store_status  # noqa: E402
+from longtail.pipeline.config import parse_config  # noqa: E402
+from longtail.stages.errors import LongtailError  # noqa: E402
+from longtail.storage.artifacts import ArtifactStore, load_tensors, save_tensors  # noqa: E402
+from longtail.storage.featurestore import FeatureStoreWriter, open_store, store_status  # noqa: E402
 from tests.pipeline.conftest import FAST, assert_user_error, gaussian_split, invoke, write_feature_files  # noqa: E402
 from tests.storage.test_featurestore import build, make_data, plan  # noqa: E402
 from tests.storage.test_locks import race_artifact_writers  # noqa: E402
@@ -202,7 +202,7 @@ def test_import_from_remote_files_into_a_memory_store_equals_the_local_import(tm
     import fsspec
     import h5py
 
-    from storage.importers import import_features
+    from longtail.storage.importers import import_features
 
     files = write_feature_files(tmp_path)
     with h5py.File(tmp_path / "test.h5", "w") as f:  # one HDF5 file, read through a file object

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import typer
 
-from stages.errors import LongtailError
+from longtail.stages.errors import LongtailError
 
 # The local Prefect server must not try to phone home (clusters are often offline); a user's own
 # setting wins.
@@ -64,13 +64,13 @@ def _user_errors(fn: Callable) -> Callable:
 
 
 def _run(cfg, use_prefect: bool) -> dict:
-    from pipeline import runner
+    from longtail.pipeline import runner
 
     runner.preflight(cfg)
     if not use_prefect:
         return runner.run_all(cfg)
-    from flows.pipeline_flow import longtail_flow
-    from flows.runners import check_prefect_api, check_runner
+    from longtail.flows.pipeline_flow import longtail_flow
+    from longtail.flows.runners import check_prefect_api, check_runner
 
     check_runner(cfg.runner)
     check_prefect_api()
@@ -105,7 +105,7 @@ def demo(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or plain Python."),
 ) -> None:
     """Run the full DAG on the built-in digits-lt dataset with every head, CALA, DLSA and calibration wrappers."""
-    from pipeline.config import demo_config
+    from longtail.pipeline.config import demo_config
 
     cfg = demo_config(out)
     _summary(_run(cfg, prefect), cfg.output)
@@ -118,7 +118,7 @@ def run(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or plain Python."),
 ) -> None:
     """Run the full pipeline for CONFIG (extraction is skipped when the store is complete)."""
-    from pipeline.config import load_config
+    from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
     _summary(_run(cfg, prefect), cfg.output)
@@ -132,8 +132,8 @@ def stage(
     force: bool = typer.Option(False, "--force", help="Recompute the stage even if its artifact is cached."),
 ) -> None:
     """Rerun one stage on cached features, and what depends on it."""
-    from pipeline import runner
-    from pipeline.config import load_config
+    from longtail.pipeline import runner
+    from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
     metrics = runner.run_stage(cfg, name, force=force)
@@ -148,9 +148,9 @@ def status(
     as_json: bool = typer.Option(False, "--json", help='Print {"stages": {STAGE: {"state", "reason"}}}.'),
 ) -> None:
     """List each stage of CONFIG as cached, stale (and which input changed) or missing; computes nothing."""
-    from pipeline import runner
-    from pipeline.config import load_config
-    from pipeline.status import format_status, stage_status
+    from longtail.pipeline import runner
+    from longtail.pipeline.config import load_config
+    from longtail.pipeline.status import format_status, stage_status
 
     cfg = load_config(config)
     runner.validate_methods(cfg)
@@ -172,10 +172,10 @@ def deploy(
     Needs a Prefect server (PREFECT_API_URL). Without --pool this process serves the deployment
     and runs the scheduled flow runs until it is stopped; with --pool the deployment is registered
     and `prefect worker start --pool NAME` runs it."""
-    from flows import deploy as dp
-    from flows.runners import check_prefect_api, check_runner
-    from pipeline import runner
-    from pipeline.config import load_config
+    from longtail.flows import deploy as dp
+    from longtail.flows.runners import check_prefect_api, check_runner
+    from longtail.pipeline import runner
+    from longtail.pipeline.config import load_config
 
     dp.check_cron(cron)
     cfg = load_config(config)
@@ -219,7 +219,7 @@ def import_features(
 
     Train needs labels; val, test and --extra files without labels become unlabelled splits
     (for deployment-prior estimation)."""
-    from storage.importers import import_features as do_import
+    from longtail.storage.importers import import_features as do_import
 
     names = [n.strip() for n in class_names.split(",")] if class_names else None
     extra_files: dict[str, str] = {}
@@ -246,8 +246,8 @@ def calibrate(
     out: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (default: the config's output)."),
 ) -> None:
     """Estimate the deployment label prior from unlabelled features and post-compensate every method."""
-    from pipeline import runner
-    from pipeline.config import load_config
+    from longtail.pipeline import runner
+    from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
     res = runner.run_calibrate(cfg, target, how=method, split=split, out_dir=out)
@@ -270,7 +270,7 @@ def dlsa_diagnostics(
     """Head-tail separability of the features in each store (DLSA flow filters only, no classifier)."""
     import yaml
 
-    from pipeline import runner
+    from longtail.pipeline import runner
 
     params = {}
     for item in set_ or []:
@@ -294,8 +294,8 @@ def glt(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as Prefect flows (default) or plain Python."),
 ) -> None:
     """Run the pipeline once per generalized long-tail protocol (CLT, ALT, GLT) and compare them."""
-    from pipeline import glt as g
-    from pipeline.config import load_config
+    from longtail.pipeline import glt as g
+    from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
     res = g.run_protocols(cfg, g.parse_protocols(protocols), run=lambda c: _run(c, prefect))
@@ -309,7 +309,7 @@ def glt(
 @_user_errors
 def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:
     """Re-render report.md, report.html and the plots of a finished run."""
-    from pipeline import runner
+    from longtail.pipeline import runner
 
     md, html = runner.render_report(out_dir)
     typer.echo(f"report: {md} and {html}")
@@ -325,7 +325,7 @@ def doctor(
     """Report torch, CUDA, faiss and the selected device, and run a tiny end-to-end job on it.
 
     Exit status 1 when a step fails, 2 when the device cannot be had on this machine."""
-    from pipeline.doctor import run_doctor
+    from longtail.pipeline.doctor import run_doctor
 
     res = run_doctor(device, quick=quick)
     if as_json:
