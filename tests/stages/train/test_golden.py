@@ -1,0 +1,73 @@
+"""Golden logits: the training engine gives every method the numbers the code before it gave.
+
+Recorded with the pre-engine trainers (``train_module``, ``train_filter``) on this tiny long-tailed
+set, same seeds, one thread: the redesign keeps the order of random draws, so the same seed gives
+bit-identical float32 logits. A change of a default or of a method's maths (the fidelity issue)
+updates a value here, in the commit that changes it, saying why.
+"""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from longtail.stages.data import FeatureSet
+from longtail.stages.base import make_method
+
+C, D = 5, 8
+
+
+def data(counts, seed):
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(99).normal(size=(C, D)) * 1.5
+    y = np.repeat(np.arange(C), counts)
+    x = (rng.normal(size=(len(y), D)) * 2 + 3 + means[y]).astype(np.float32)
+    return FeatureSet(x, y, np.array(counts), tuple("abcde"), name="train")
+
+
+train, val, test = data((80, 40, 20, 10, 5), 0), data((8,) * 5, 1), data((20,) * 5, 2)
+
+GOLDEN = {
+    "ce": "bda470b86bae571b",
+    "balanced-softmax": "bf42212e97659dc8",
+    "logit-adjust": "bf42212e97659dc8",
+    "cb-ce": "02f25931f0e3a01c",
+    "focal": "083b8a8c0d25eb8f",
+    "cosine": "7ed505411f707818",
+    "ldam-drw": "f69fb42f31e4278b",
+    "crt": "ead127cf2b8285f2",
+    "tau-norm": "0e61d995fb81f680",
+    "lws": "525f825baca91412",
+    "lade": "d9f72f85b0e3701f",
+    "ce+pc": "4aa287c8f5d44b0e",
+    "ce+ts": "46b73a7cf84c8653",
+    "heuristic-cala": "c3ddcc2c5af1b705",
+    "cala-no-u": "0c926c9de4c4efcd",
+    "cala-no-v": "73c79fce57123fc0",
+    "dynamic-la": "34dd44f5adf53c51",
+    "dlsa+ce": "6feebc5676e775a9"
+}
+
+
+def _params(name):
+    p = {"epochs": 4, "batch_size": 16, "seed": 3, "device": "cpu"}
+    if name.startswith("dlsa"):
+        p = {"epochs": 2, "batch_size": 16, "seed": 3, "device": "cpu",
+             "dlsa": {"num_filters": 2, "num_clusters": 4, "flow_epochs": 2, "flow_hidden": 8, "flow_blocks": 1,
+                      "device": "cpu"}}
+    if "cala" in name and name != "cala-no-v":
+        p["k"] = 5
+    return p
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_logits_are_bit_identical_to_the_pre_engine_trainers(name):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        z = make_method(name, _params(name)).fit(train, val).logits(test.features)
+    finally:
+        torch.set_num_threads(threads)
+    got = hashlib.blake2b(np.ascontiguousarray(z, dtype=np.float32).tobytes(), digest_size=8).hexdigest()
+    assert got == GOLDEN[name]
