@@ -68,7 +68,7 @@ def _bal_acc(method, test) -> float:
 
 
 def _fit_timed(name: str, params: dict, train, table=None):
-    from longtail.stages.base import make_method
+    from longtail.stages.registry import make_method
 
     method = make_method(name, params)
     if table is not None:

@@ -479,7 +479,7 @@ def stage_head(device: str, url: str, name: str, epochs: int | None, repeats: in
 
     import numpy as np
 
-    from longtail.stages.base import make_method
+    from longtail.stages.registry import make_method
 
     sets = _read_all(url)
     train, val, test = sets["train"], sets.get("val"), sets["test"]
@@ -678,7 +678,7 @@ def machine_facts(device: str) -> dict:
 
 
 def default_heads() -> list[str]:
-    from longtail.stages.base import known_methods
+    from longtail.stages.registry import known_methods
 
     return known_methods() + ["ce+pc"]
 
@@ -695,7 +695,7 @@ def _run_head(**kwargs) -> dict:
 
 def _optim_key(epochs: int | None, name: str) -> tuple:
     """(epochs, batch size, lr, weight decay) that head ``name`` trains with: its baseline's."""
-    from longtail.stages.base import make_method
+    from longtail.stages.registry import make_method
 
     p = _inner_params(make_method(name, _head_params("cpu", epochs)))
     return int(p["epochs"]), int(p["batch_size"]), float(p["lr"]), float(p["weight_decay"])
@@ -1021,7 +1021,7 @@ def main(argv=None) -> int:
         os.environ[var] = path  # inherited by every spawned child
     tempfile.tempdir = os.environ["TMPDIR"]
     try:
-        from longtail.stages.base import known_methods, make_method
+        from longtail.stages.registry import known_methods, make_method
         from longtail.stages.errors import LongtailError
 
         try:

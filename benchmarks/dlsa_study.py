@@ -71,7 +71,7 @@ from benchlib import (  # noqa: E402  (the ImageNet-LT-shaped generator, cores a
 from readme import README, write_section  # noqa: E402
 
 import longtail.stages.dlsa as dlsa  # noqa: E402
-from longtail.stages.base import make_method  # noqa: E402
+from longtail.stages.registry import make_method  # noqa: E402
 from longtail.stages.data import FeatureSet  # noqa: E402
 from longtail.stages.datasets import exponential_profile  # noqa: E402
 from longtail.stages.evaluate import evaluate  # noqa: E402

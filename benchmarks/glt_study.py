@@ -9,7 +9,7 @@ Usage (from the repository root)::
 
 A script, not a test: seeded and reproducible (the same machine and thread count give the same
 accuracies); nothing in it asserts a time. For each seed it runs what ``longtail glt --no-prefect``
-runs (:func:`pipeline.glt.run_protocols` with :func:`pipeline.runner.run_all`): per protocol, the
+runs (:func:`pipeline.glt.run_protocols` with :func:`pipeline.graph.run_all`): per protocol, the
 digits-glt splits of that seed, the builtin small CNN (30 epochs) trained on the protocol's train
 split, features extracted into the protocol's store, every method fitted on them with its default
 parameters (the seed feeds the split, the CNN and the heads), and the evaluation with group metrics.
@@ -42,7 +42,7 @@ for _p in (REPO, HERE):
 from longtail.pipeline import glt  # noqa: E402
 from longtail.pipeline.config import parse_config  # noqa: E402
 from readme import write_section  # noqa: E402
-from longtail.stages.base import known_methods  # noqa: E402
+from longtail.stages.registry import known_methods  # noqa: E402
 
 START_MARKER = "<!-- glt-study:start -->"
 END_MARKER = "<!-- glt-study:end -->"

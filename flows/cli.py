@@ -64,11 +64,12 @@ def _user_errors(fn: Callable) -> Callable:
 
 
 def _run(cfg, use_prefect: bool) -> dict:
-    from longtail.pipeline import runner
+    from longtail.pipeline.graph import run_all
+    from longtail.pipeline.preflight import preflight
 
-    runner.preflight(cfg)
+    preflight(cfg)
     if not use_prefect:
-        return runner.run_all(cfg)
+        return run_all(cfg)
     from longtail.flows.pipeline_flow import longtail_flow
     from longtail.flows.runners import check_prefect_api, check_runner
 
@@ -80,8 +81,9 @@ def _run(cfg, use_prefect: bool) -> dict:
 
 
 def _pct(v, digits: int = 2) -> str:
-    """A fraction as a percentage; n/a for a missing (null or NaN) value."""
-    return "n/a" if v is None or v != v else f"{100 * v:.{digits}f}"
+    from longtail.pipeline.io import pct
+
+    return pct(v, digits)
 
 
 def _echo_table(columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
@@ -132,11 +134,11 @@ def stage(
     force: bool = typer.Option(False, "--force", help="Recompute the stage even if its artifact is cached."),
 ) -> None:
     """Rerun one stage on cached features, and what depends on it."""
-    from longtail.pipeline import runner
     from longtail.pipeline.config import load_config
+    from longtail.pipeline.graph import run_stage
 
     cfg = load_config(config)
-    metrics = runner.run_stage(cfg, name, force=force)
+    metrics = run_stage(cfg, name, force=force)
     if metrics is not None:
         _summary(metrics, cfg.output)
 
@@ -148,12 +150,12 @@ def status(
     as_json: bool = typer.Option(False, "--json", help='Print {"stages": {STAGE: {"state", "reason"}}}.'),
 ) -> None:
     """List each stage of CONFIG as cached, stale (and which input changed) or missing; computes nothing."""
-    from longtail.pipeline import runner
     from longtail.pipeline.config import load_config
+    from longtail.pipeline.methods import validate_methods
     from longtail.pipeline.status import format_status, stage_status
 
     cfg = load_config(config)
-    runner.validate_methods(cfg)
+    validate_methods(cfg)
     res = stage_status(cfg)
     typer.echo(json.dumps(res, indent=2) if as_json else format_status(res))
 
@@ -174,12 +176,12 @@ def deploy(
     and `prefect worker start --pool NAME` runs it."""
     from longtail.flows import deploy as dp
     from longtail.flows.runners import check_prefect_api, check_runner
-    from longtail.pipeline import runner
     from longtail.pipeline.config import load_config
+    from longtail.pipeline.preflight import preflight
 
     dp.check_cron(cron)
     cfg = load_config(config)
-    runner.preflight(cfg)
+    preflight(cfg)
     check_runner(cfg.runner)
     dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool)
     schedule = f"cron {cron!r}"
@@ -246,11 +248,11 @@ def calibrate(
     out: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (default: the config's output)."),
 ) -> None:
     """Estimate the deployment label prior from unlabelled features and post-compensate every method."""
-    from longtail.pipeline import runner
     from longtail.pipeline.config import load_config
+    from longtail.pipeline.deploy_prior import run_calibrate
 
     cfg = load_config(config)
-    res = runner.run_calibrate(cfg, target, how=method, split=split, out_dir=out)
+    res = run_calibrate(cfg, target, how=method, split=split, out_dir=out)
     _echo_table([("method", 22), ("as is", 9), ("estimated", 11), ("true", 9)],
                 [[name, _pct(m["accuracy_uncompensated"]), _pct(m["accuracy_estimated_prior"]),
                   _pct(m["accuracy_true_prior"])] for name, m in res["methods"].items()])
@@ -270,7 +272,7 @@ def dlsa_diagnostics(
     """Head-tail separability of the features in each store (DLSA flow filters only, no classifier)."""
     import yaml
 
-    from longtail.pipeline import runner
+    from longtail.pipeline.diagnostics import run_dlsa_diagnostics
 
     params = {}
     for item in set_ or []:
@@ -278,7 +280,7 @@ def dlsa_diagnostics(
         if not sep or not key.strip():
             raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
         params[key.strip()] = yaml.safe_load(value)
-    res = runner.run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
+    res = run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
     _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8)],
                 [[url[-40:], str(f["filter"]), _pct(f["tail_share_in"], 1), _pct(f["separation_accuracy"], 1),
                   "n/a" if f["cluster_size_entropy_ratio"] is None else f"{f['cluster_size_entropy_ratio']:.3f}",
@@ -309,9 +311,9 @@ def glt(
 @_user_errors
 def report(out_dir: str = typer.Argument(..., help="Run directory holding metrics.json.")) -> None:
     """Re-render report.md, report.html and the plots of a finished run."""
-    from longtail.pipeline import runner
+    from longtail.pipeline.report.build import render_report
 
-    md, html = runner.render_report(out_dir)
+    md, html = render_report(out_dir)
     typer.echo(f"report: {md} and {html}")
 
 

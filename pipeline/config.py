@@ -5,7 +5,8 @@ The config contract (other tools write it)::
     store: runs/demo/features.zarr      # URL of the feature store (fsspec; a local path by default)
     dataset: digits-lt                  # or {name: digits-lt, imbalance_ratio: 20}; omit if the store is complete
     backbone: {kind: builtin}           # optional; builtin | torchscript | python
-    methods: [ce, {name: logit-adjust, params: {tau: 1.0}}, ce+pc]
+    methods: [ce, {name: logit-adjust, params: {tau: 1.0}}, ce+pc,
+              {name: my-loss, target: mypkg.losses:MyHead, params: {epochs: 20}}]
     output: runs/demo                   # run directory (report, metrics.json)
 
 Optional keys: ``seed`` (feeds every generator), ``device`` (auto | cpu | cuda[:N]),
@@ -127,8 +128,13 @@ class RunnerConfig(_Strict):
 
 
 class MethodSpec(_Strict):
+    """One configured method: its name (the registry's grammar, ``ce``, ``ce+pc``, ``dlsa+ce``), its
+    parameters, and for a user's own method the class its base part is built from,
+    ``target: package.module:Class`` (a :class:`stages.base.Method` subclass, importable)."""
+
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    target: str | None = None
 
     @property
     def label(self) -> str:

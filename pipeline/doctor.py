@@ -16,7 +16,7 @@ a time, each with a check that can fail:
     a ``ce`` head fitted on the train split on the device (its parameters must live there);
 ``logits``
     the head's test logits computed chunk by chunk from the store
-    (:func:`pipeline.runner.split_logits`): finite, ``(N, C)``, equal to the logits of the whole
+    (:func:`longtail.pipeline.methods.split_logits`): finite, ``(N, C)``, equal to the logits of the whole
     split at once;
 ``knn``
     an exact cosine kNN search with faiss (its GPU index when faiss has GPUs and the device is
@@ -161,9 +161,9 @@ def smoke(device, workdir: str) -> list[Step]:
     """The tiny end-to-end job on ``device`` (a ``torch.device``) in ``workdir``; one Step per stage."""
     import torch
 
-    from longtail.pipeline.runner import split_logits
+    from longtail.pipeline.methods import split_logits
     from longtail.stages import evaluate as ev
-    from longtail.stages.base import make_method
+    from longtail.stages.registry import make_method
     from longtail.storage.featurestore import FeatureStoreWriter, open_store
 
     steps: list[Step] = []

@@ -1,11 +1,7 @@
-"""Generalized long tail (issue 6): group metrics in the evaluation and the CLT / ALT / GLT
-protocol runs of ``longtail glt``.
+"""Generalized long tail (issue 6): the CLT / ALT / GLT protocol runs of ``longtail glt``.
 
-A store whose test split carries an attribute per sample gets, for every method, accuracy per
-(class, attribute) group, average- and worst-group accuracy and macro precision (paper 000,
-Tables 3, 4 and A-2; :func:`stages.evaluate.group_metrics`). ``evaluation.groups`` decides: left
-out, whenever the test split has attributes; ``true``, required (a store without them is an
-error before anything is written); ``false``, off.
+The group metrics themselves are the evaluation's (:func:`pipeline.evaluate.use_groups`) and
+their report table the report's (:func:`pipeline.report.sections.group_section`).
 
 :func:`run_protocols` runs the configured pipeline once per protocol of Tang et al. 2022
 (``dataset.protocol`` overridden): protocol ``P``'s store is the config's store with ``-P`` before
@@ -18,9 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
-from longtail.pipeline.config import RunConfig
+from longtail.pipeline.config import RunConfig, parse_config
+from longtail.pipeline.graph import run_all
+from longtail.pipeline.io import pct, write_json
+from longtail.pipeline.preflight import preflight
+from longtail.pipeline.report.render import render_tables
 from longtail.stages.datasets import GLT_PROTOCOLS, PROTOCOL_DATASETS
 from longtail.stages.errors import LongtailError
 
@@ -32,64 +32,6 @@ SUMMARY_KEYS: tuple[tuple[str, str], ...] = (
     ("worst_group", "worst_group"),
     ("balanced_accuracy", "balanced_accuracy"),
 )
-
-
-# ---------------------------------------------------------------------------- group metrics
-def use_groups(cfg: RunConfig, test_has_attributes: bool, where: str) -> bool:
-    """Whether the evaluation computes group metrics; an error when they are required
-    (``evaluation.groups: true``) and ``where`` (a store or dataset) has no test attributes."""
-    wanted = cfg.evaluation.groups
-    if wanted and not test_has_attributes:
-        raise LongtailError(
-            f"evaluation.groups is true but the test split of {where} has no attributes: group metrics "
-            "need an attribute per test sample (import-features takes an 'attributes' array per file)"
-        )
-    return test_has_attributes if wanted is None else bool(wanted)
-
-
-def group_info(test, attribute_names: list[str] | None) -> dict:
-    """``metrics.json``'s ``groups``: the test samples per (class, attribute) group and the names."""
-    from longtail.stages.evaluate import group_counts
-
-    counts = group_counts(test.labels, test.attributes, test.num_classes, len(attribute_names or []) or None)
-    names = list(attribute_names or [])
-    names += [str(a) for a in range(len(names), counts.shape[1])]
-    return {"attribute_names": names, "test_counts": counts.tolist()}
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None or v != v else f"{100 * v:.2f}"
-
-
-def group_section(metrics: dict) -> dict | None:
-    """The report's table of group metrics, or None when the run has none."""
-    groups = metrics.get("groups")
-    methods = {n: m for n, m in metrics["methods"].items() if "worst_group" in m}
-    if not groups or not methods:
-        return None
-    names = groups["attribute_names"]
-    classes = metrics.get("class_names") or [str(c) for c in range(len(metrics["class_counts"]))]
-    rows = []
-    for name, m in methods.items():
-        table = m["group_accuracy"]
-        worst = min(((v, c, a) for c, row in enumerate(table) for a, v in enumerate(row) if v is not None),
-                    default=None)
-        where = "n/a" if worst is None else f"{classes[worst[1]]} / {names[worst[2]]}"
-        rows.append([name, _pct(m["overall"]), _pct(m["macro_precision"]), _pct(m["average_group"]),
-                     _pct(m["worst_group"]), where])
-    sizes = sorted({n for row in groups["test_counts"] for n in row if n > 0})
-    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
-    return {
-        "title": "Generalized long tail: (class, attribute) groups",
-        "text": "Test accuracy (%) per (class, attribute) group (paper 000, Tables 3, 4 and A-2): average-group "
-                "is the mean over the groups with test samples, worst-group the lowest of them (the last "
-                "column names it, class / attribute); macro precision is the mean per-class precision, a "
-                f"class never predicted counting 0. Attributes: {', '.join(names)}; {size} test samples "
-                "per group.",
-        "columns": ["Method", "Accuracy (%)", "Macro precision (%)", "Average-group (%)", "Worst-group (%)",
-                    "Worst group"],
-        "rows": rows,
-    }
 
 
 # ---------------------------------------------------------------------------- protocols
@@ -120,8 +62,6 @@ def parse_protocols(text: str | None) -> list[str]:
 def protocol_configs(cfg: RunConfig, protocols: list[str]) -> list[tuple[str, RunConfig]]:
     """One config per protocol: ``dataset.protocol``, the store and the output overridden, the
     artifact cache shared. An error when the config has no dataset with attributes."""
-    from longtail.pipeline.config import parse_config
-
     if cfg.dataset is None:
         raise LongtailError(
             "longtail glt: the config names no dataset, so there are no protocols to draw: the GLT protocols "
@@ -149,26 +89,21 @@ def protocol_configs(cfg: RunConfig, protocols: list[str]) -> list[tuple[str, Ru
 
 def run_protocols(cfg: RunConfig, protocols: list[str],
                   run: Callable[[RunConfig], dict] | None = None) -> dict:
-    """Run the pipeline once per protocol (``run``, default :func:`pipeline.runner.run_all`), then
+    """Run the pipeline once per protocol (``run``, default :func:`pipeline.graph.run_all`), then
     write ``glt.json``, ``glt.md`` and ``glt.html`` into the config's output. Every protocol's
     checks run before any of them starts."""
-    from longtail.pipeline import runner
-
     plan = protocol_configs(cfg, protocols)
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise LongtailError(f"output {cfg.output!r} exists and is not a directory")
     for _, c in plan:
-        runner.preflight(c)
-    run = run or runner.run_all
+        preflight(c)
+    run = run or run_all
     per_protocol = {p: run(c) for p, c in plan}
     return write_summary(cfg, plan, per_protocol)
 
 
 def write_summary(cfg: RunConfig, plan: list[tuple[str, RunConfig]], per_protocol: dict[str, dict]) -> dict:
     """``OUTPUT/glt.json`` and the ``glt.md`` / ``glt.html`` tables from each protocol's metrics."""
-    from longtail.pipeline.runner import _json_clean, _write_atomic
-    from longtail.stages.report import render_tables
-
     methods: dict[str, dict] = {}
     for p, metrics in per_protocol.items():
         for name, m in metrics["methods"].items():
@@ -186,9 +121,9 @@ def write_summary(cfg: RunConfig, plan: list[tuple[str, RunConfig]], per_protoco
                      "groups": per_protocol[p].get("groups")} for p, c in plan},
     }
     os.makedirs(cfg.output, exist_ok=True)
-    _write_atomic(os.path.join(cfg.output, "glt.json"), json.dumps(_json_clean(summary), indent=2).encode())
+    write_json(os.path.join(cfg.output, "glt.json"), summary)
     columns = ["Method"] + [f"{p.upper()} {h}" for p in protocols for h in ("acc.", "prec.", "avg-group", "worst-group")]
-    rows = [[name] + [_pct(per.get(p, {}).get(k)) for p in protocols
+    rows = [[name] + [pct(per.get(p, {}).get(k)) for p in protocols
                       for k in ("accuracy", "macro_precision", "average_group", "worst_group")]
             for name, per in methods.items()]
     intro = [

@@ -1,22 +1,36 @@
 """Cache keys and lineage: every artifact is keyed by the content of what produced it.
 
 key = hash(input fingerprints, stage name, stage parameters, the stage's code version).
-The code version is a hash of the source files the stage runs, so editing a loss invalidates the
-heads that use it and nothing else.
+
+A code version is the hash of the source of a stage's **import closure**: the modules it names,
+and every module of the project they import (top-level and function-local imports, found by
+parsing the source, never by importing it), transitively. The project is ``longtail.*`` (the
+``stages``, ``storage``, ``pipeline`` and ``flows`` folders); a user's method module brings its own
+top-level package along (its imports inside that package are followed too). The method registry
+(``longtail.stages.registry``) is left out: it imports every method module, and a method's key
+must not change when another method is edited. So editing a loss invalidates the heads whose
+closure holds it, editing ``stages/evaluate.py`` invalidates ``tau-norm`` (which chooses tau with
+it) and the evaluation, and editing extraction code invalidates neither.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
+import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-_STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
+PROJECT = "longtail"
+_HERE = Path(__file__).resolve().parent
+#: where the project's packages live (``package-dir`` maps ``longtail.X`` to the folder ``X``)
+PROJECT_ROOTS: dict[str, Path] = {f"{PROJECT}.{pkg}": _HERE.parent / pkg
+                                  for pkg in ("stages", "storage", "pipeline", "flows")}
+#: modules whose source never enters a closure
+EXCLUDED = frozenset({f"{PROJECT}.stages.registry"})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -48,50 +62,122 @@ def files_version(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def _module_file(obj: Any) -> Path | None:
-    mod = sys.modules.get(getattr(obj, "__module__", ""), None)
+# ---------------------------------------------------------------------------- import closures
+def _user_root(module: str) -> tuple[str, Path] | None:
+    """``(top-level name, its folder or file)`` of a module outside the project, or None when it
+    cannot be found (a built-in, a namespace without files)."""
+    top = module.split(".")[0]
     try:
-        return Path(inspect.getfile(mod)) if mod is not None else None
-    except TypeError:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
         return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        locations = list(spec.submodule_search_locations)
+        return (top, Path(locations[0])) if locations else None
+    return (top, Path(spec.origin)) if spec.origin and spec.origin.endswith(".py") else None
 
 
-def method_code_version(method: Any) -> str:
-    """Source hash of what a method runs: its classes' modules (wrappers and bases included),
-    the shared interface and data modules, and the loss modules."""
-    files: set[Path] = {_STAGES_DIR / "base.py", _STAGES_DIR / "data.py", _STAGES_DIR / "device.py"}
-    files |= set((_STAGES_DIR / "losses").glob("*.py"))
-    m = method
-    while m is not None:
-        for cls in type(m).__mro__:
-            f = _module_file(cls)
-            if f is not None and f.is_relative_to(_STAGES_DIR):
-                files.add(f)
-        if callable(getattr(m, "table_params", None)):  # fitted on a neighbour table
-            files.add(_STAGES_DIR / "neighbours.py")
-        m = getattr(m, "base", None)
-    return files_version(files)
+def _resolve(name: str, roots: Mapping[str, Path]) -> Path | None:
+    """The source file of module ``name`` under the longest matching root, or None."""
+    for prefix in sorted(roots, key=len, reverse=True):
+        if name != prefix and not name.startswith(prefix + "."):
+            continue
+        root = roots[prefix]
+        if root.suffix == ".py":  # a single-file top-level module
+            return root if name == prefix else None
+        rest = name[len(prefix):].lstrip(".").split(".") if name != prefix else []
+        base = root.joinpath(*rest)
+        for cand in (base.with_name(base.name + ".py") if rest else None, base / "__init__.py"):
+            if cand is not None and cand.is_file():
+                return cand
+        return None
+    return None
+
+
+def _imported(path: Path, module: str) -> Iterable[str]:
+    """Every module name ``path`` imports, anywhere in it (relative imports resolved); for ``from
+    A import b`` both ``A`` and ``A.b`` (which of them is a module is decided by resolving)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                up = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(up + ([base] if base else []))
+            yield base
+            yield from (f"{base}.{a.name}" for a in node.names)
+
+
+def import_closure(modules: Iterable[str], roots: Mapping[str, Path] | None = None) -> dict[str, Path]:
+    """``{module name: source file}`` of ``modules`` and every module of the project (and of the
+    user packages ``modules`` belong to) they import, transitively, less :data:`EXCLUDED`.
+
+    ``roots`` maps package names to folders (default :data:`PROJECT_ROOTS`); a test points them at
+    a temporary copy of the tree."""
+    roots = dict(PROJECT_ROOTS if roots is None else roots)
+    todo = list(modules)
+    for name in todo:
+        if not any(name == p or name.startswith(p + ".") for p in roots):
+            found = _user_root(name)
+            if found is not None:
+                roots.setdefault(*found)
+    out: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in out or name in EXCLUDED:
+            continue
+        path = _resolve(name, roots)
+        if path is None:
+            continue
+        out[name] = path
+        todo.extend(m for m in _imported(path, name) if m not in out)
+    return out
+
+
+def code_version(modules: Iterable[str], roots: Mapping[str, Path] | None = None) -> str:
+    """Hash of the source of the import closure of ``modules`` (module names and bytes)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, path in sorted(import_closure(modules, roots).items()):
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def method_modules(method: Any) -> set[str]:
+    """The modules a method runs: those of every class in its wrapper chain (their bases
+    included) and those its shared artifacts name (``Requirement.modules``)."""
+    mods: set[str] = set()
+    for m in method.chain():
+        mods |= {cls.__module__ for cls in type(m).__mro__ if cls.__module__ != "builtins"}
+    for req in method.requirements():
+        mods |= set(req.modules)
+    return mods
+
+
+def method_code_version(method: Any, roots: Mapping[str, Path] | None = None) -> str:
+    """Source hash of what a method runs: the import closure of :func:`method_modules`."""
+    return code_version(method_modules(method), roots)
 
 
 def extract_code_version() -> str:
-    return files_version([_STAGES_DIR / "extract.py", _STAGES_DIR / "datasets.py"])
+    """Source hash of the extraction (the files themselves, as the stores already made record it:
+    a complete store is never overwritten, so this key must not move with unrelated code)."""
+    stages = PROJECT_ROOTS[f"{PROJECT}.stages"]
+    return files_version([stages / "extract.py", stages / "datasets.py"])
 
 
-def table_code_version() -> str:
-    """Source hash of the neighbour-table code (a table does not depend on the method that uses it)."""
-    return files_version([_STAGES_DIR / "neighbours.py"])
+def without_device(params: Mapping[str, Any]) -> dict:
+    """Parameters that decide a result: the device does not (a GPU fit is the same artifact)."""
+    return {k: without_device(v) if isinstance(v, Mapping) else v for k, v in params.items() if k != "device"}
 
 
-def evaluate_code_version() -> str:
-    """Source hash of the evaluation: metrics, label-shift protocol, prior estimators, group
-    metrics, the runner."""
-    names = ("evaluate.py", "label_shift.py", "priors.py", "shift.py", "calibrate.py")
-    here = Path(__file__).parent
-    return files_version([_STAGES_DIR / n for n in names] + [here / "runner.py", here / "glt.py"])
-
-
-def report_code_version() -> str:
-    """Source hash of the report: plots and page (stages/report.py) and its tables (the runner,
-    the group tables)."""
-    here = Path(__file__).parent
-    return files_version([_STAGES_DIR / "report.py", here / "runner.py", here / "glt.py"])
+def with_device(params: Mapping[str, Any], device: str) -> dict:
+    """``params`` with every ``device`` entry (nested wrapper mappings too) set to ``device``."""
+    return {k: device if k == "device" else with_device(v, device) if isinstance(v, Mapping) else v
+            for k, v in params.items()}

@@ -1,6 +1,6 @@
 """``longtail status``: each stage of a config as cached, stale (and which input changed) or missing.
 
-Nothing is computed: the keys the runner would use are compared with what the store, the artifact
+Nothing is computed: the keys the pipeline would use are compared with what the store, the artifact
 cache and the run directory recorded when they were written (the store's ``extract_inputs``, each
 method artifact's ``meta.json``, ``metrics.json``'s ``lineage.evaluate``, the report key).
 """
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from longtail.pipeline import runner
 from longtail.pipeline.config import RunConfig
+from longtail.pipeline.evaluate import evaluate_inputs, evaluate_key, read_metrics, recorded_evaluate
+from longtail.pipeline.extract import planned_extract
+from longtail.pipeline.keys import method_code_version, without_device
+from longtail.pipeline.methods import MethodResult, planned_method
+from longtail.pipeline.report.build import rendered_report_key, report_key
+from longtail.pipeline.stores import StoreInfo, artifact_store
 from longtail.storage.featurestore import open_store, store_status
 
 CACHED, STALE, MISSING = "cached", "stale", "missing"
@@ -55,7 +60,7 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
             fp = open_store(cfg.store, storage_options=opts).fingerprint
             return "import", _entry(CACHED, f"imported store {cfg.store} (fingerprint {fp})"), fp
         return "import", _entry(MISSING, f"store {cfg.store} is {status}: run `longtail import-features`"), None
-    _, now, key = runner.planned_extract(cfg)
+    _, now, key = planned_extract(cfg)
     if status == "missing":
         return "extract", _entry(MISSING, f"no store at {cfg.store} yet"), None
     if status != "complete":
@@ -82,7 +87,7 @@ def _method_status(cfg: RunConfig, spec, fingerprint: str | None, upstream: dict
         if mine:
             return _entry(STALE, f"upstream {upstream['key']} is {upstream['state']}"), None
         return _entry(MISSING, f"never fitted (upstream {upstream['key']} is {upstream['state']})"), None
-    method, params, key = runner.planned_method(cfg, spec, fingerprint)
+    method, params, key = planned_method(cfg, spec, fingerprint)
     if artifacts.exists("method", key):
         return _entry(CACHED, f"artifact {key}"), key
     if not mine:
@@ -91,10 +96,10 @@ def _method_status(cfg: RunConfig, spec, fingerprint: str | None, upstream: dict
     reasons = []
     if last.get("store_fingerprint") != fingerprint:
         reasons.append(f"features changed (store fingerprint {last.get('store_fingerprint')} -> {fingerprint})")
-    changed = diff_inputs(runner._without_device(last.get("params") or {}), runner._without_device(params))
+    changed = diff_inputs(without_device(last.get("params") or {}), without_device(params))
     if changed:
         reasons.append("params changed: " + "; ".join(changed))
-    if last.get("code_version") != runner.method_code_version(method):
+    if last.get("code_version") != method_code_version(method):
         reasons.append("method code changed")
     return _entry(STALE, ", ".join(reasons) or "its inputs changed"), None
 
@@ -105,37 +110,37 @@ def stage_status(cfg: RunConfig) -> dict:
     upstream_key, entry, fingerprint = _extract_status(cfg)
     stages[upstream_key] = entry
     upstream = {"key": upstream_key, "state": entry["state"]}
-    artifacts = runner.artifact_store(cfg)
+    artifacts = artifact_store(cfg)
     previous = [artifacts.read_meta("method", k) for k in artifacts.keys("method")]
     results = []
     for spec in cfg.methods:
         stages[f"method:{spec.name}"], key = _method_status(cfg, spec, fingerprint, upstream, artifacts, previous)
         if key is not None:
-            results.append(runner.MethodResult(spec.name, key, True, 0.0))
+            results.append(MethodResult(spec.name, key, True, 0.0))
 
-    metrics = runner.read_metrics(cfg.output)
-    recorded = runner.recorded_evaluate(metrics)
+    metrics = read_metrics(cfg.output)
+    recorded = recorded_evaluate(metrics)
     not_cached = [k for k, v in stages.items() if v["state"] != CACHED]
     if metrics is None:
         stages["evaluate"] = _entry(MISSING, f"no metrics.json in {cfg.output}")
     elif not_cached:
         stages["evaluate"] = _entry(STALE, "upstream " + ", ".join(not_cached) + " not cached")
     else:
-        info = runner.StoreInfo(cfg.store, fingerprint, True)
-        inputs = runner.evaluate_inputs(cfg, info, results)
-        if recorded.get("key") == runner.evaluate_key(inputs):
+        info = StoreInfo(cfg.store, fingerprint, True)
+        inputs = evaluate_inputs(cfg, info, results)
+        if recorded.get("key") == evaluate_key(inputs):
             stages["evaluate"] = _entry(CACHED, f"metrics.json of {len(results)} methods")
         else:
             changed = diff_inputs(recorded.get("inputs") or {}, inputs)
             stages["evaluate"] = _entry(STALE, "inputs changed: " + "; ".join(changed) if changed
                                         else "written by an older version")
 
-    rendered = runner.rendered_report_key(cfg.output)
+    rendered = rendered_report_key(cfg.output)
     if rendered is None:
         stages["report"] = _entry(MISSING, f"no report in {cfg.output}")
     elif stages["evaluate"]["state"] != CACHED:
         stages["report"] = _entry(STALE, f"upstream evaluate is {stages['evaluate']['state']}")
-    elif rendered != runner.report_key(cfg.output):
+    elif rendered != report_key(cfg.output):
         stages["report"] = _entry(STALE, "metrics.json, evaluation.npz or the report code changed since it was rendered")
     else:
         stages["report"] = _entry(CACHED, f"{cfg.output}/report.md")

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from longtail.stages.base import Method, Wrapper, register
+from longtail.stages.base import FitContext, Method, Wrapper
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
 
@@ -84,6 +84,15 @@ def validate_prior(
     return p / total  # guarded: |total - 1| <= 1e-6 here, so total > 0
 
 
+def as_prior(prior: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """A prior that :func:`validate_prior` has accepted, as float64 ``(C,)`` normalised to sum to 1,
+    exactly as :func:`validate_prior` returns it (without checking, or warning, again)."""
+    if isinstance(prior, torch.Tensor):
+        prior = prior.detach().cpu().numpy()
+    p = np.asarray(prior, dtype=np.float64)
+    return p / float(p.sum())  # guarded: validated, so the sum is within 1e-6 of 1
+
+
 def prior_from_log(log_prior: np.ndarray) -> np.ndarray:
     """``exp(log_prior)`` normalised to sum to 1, float64 ``(C,)``: a prior known up to a constant
     in log space (``(1 - tau) log p_s``, ``log p / T``, ...). ``log_prior`` has a finite entry."""
@@ -127,21 +136,18 @@ def post_compensate(
 
 
 def logit_prior(method: Method) -> np.ndarray:
-    """The label prior ``(C,)`` float64 that a fitted method's logits are calibrated to.
+    """The label prior ``(C,)`` float64 that a fitted method's logits are calibrated to, checked.
 
     ``p_s`` of paper 002's eq. 4 ("the distribution which the model logits are entangled with"):
-    what :func:`post_compensate` must subtract before it adds a target prior. A method that knows
-    answers through its ``logit_prior()`` (the train prior for ``ce``-like heads; uniform for
-    ``balanced-softmax``, ``logit-adjust`` with ``tau = 1``, ``crt`` and ``lade``; see each head);
-    any other method is taken to carry the train prior ``source_prior_``, as a softmax trained on the
-    train split does (Theorem 1).
+    what :func:`post_compensate` must subtract before it adds a target prior. Every method answers
+    through :meth:`~longtail.stages.base.Method.logit_prior` (the train prior by default, as a
+    softmax trained on the train split carries, Theorem 1; uniform for ``balanced-softmax``,
+    ``logit-adjust`` with ``tau = 1``, ``crt`` and ``lade``; see each head).
     """
-    own = getattr(method, "logit_prior", None)
-    prior = own() if callable(own) else method.source_prior_
-    return validate_prior(prior, method.num_classes_, f"method {method.name!r}: logit prior", allow_zero=False)
+    return validate_prior(method.logit_prior(), method.num_classes_, f"method {method.name!r}: logit prior",
+                          allow_zero=False)
 
 
-@register("pc", kind="suffix")
 class PostCompensatedSoftmax(Wrapper):
     """PC-Softmax (``<method>+pc``): the base's logits post-compensated to ``target_prior``.
 
@@ -150,41 +156,36 @@ class PostCompensatedSoftmax(Wrapper):
     already removed it (``balanced-softmax``, ``logit-adjust`` with ``tau = 1``, ``crt``, ``lade``),
     so that ``balanced-softmax+pc`` adds ``log p_t - log p_u`` as Sec. 4.3 does and never compensates
     twice. ``target_prior`` is a list of ``C`` probabilities or ``None`` for uniform (balanced
-    evaluation). ``fit`` fits the base unless it is already fitted (:meth:`Wrapper.fit`); the priors
-    are checked first, so a bad ``target_prior`` fails before minutes of fitting.
+    evaluation). ``fit`` refits the base unless it is frozen (:meth:`Method.fit`); the priors are
+    checked first, so a bad ``target_prior`` fails before minutes of fitting.
     """
 
+    name = "pc"
+    kind = "suffix"
     needs_full_split = False  # the own fit uses the train prior only (see Method.needs_full_split)
 
     def __init__(self, base: Method, target_prior: Sequence[float] | None = None):
         super().__init__(base)
         self.target_prior = target_prior
 
-    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PostCompensatedSoftmax":
-        if isinstance(train, FeatureSet):  # Method.fit raises the TypeError otherwise
-            train.check_train()  # the same message as every method for a class without a sample
-            self._target(train.num_classes)
-            validate_prior(train.prior, train.num_classes, f"{train.source or 'features'}: train prior",
-                           allow_zero=False)
-        return super().fit(train, val)
+    def _owner(self) -> str:
+        return f"method {self.base.name}+{self.name}"
 
-    def check_params(self, num_classes: int) -> None:
-        super().check_params(num_classes)
-        self._target(num_classes)
+    def _check_params(self, num_classes: int) -> None:
+        if self.target_prior is not None:
+            validate_prior(self.target_prior, num_classes, f"{self._owner()}: target_prior")
 
-    def _target(self, num_classes: int) -> np.ndarray:
-        if self.target_prior is None:
-            return np.full(num_classes, 1.0 / num_classes)  # num_classes >= 1 (FeatureSet)
-        return validate_prior(self.target_prior, num_classes, f"method {self.base.name}+{self.name}: target_prior")
+    def _validate(self, ctx: FitContext) -> None:
+        validate_prior(ctx.source_prior, ctx.num_classes, f"{self._owner()}: train prior", allow_zero=False)
 
-    def _fit(self, train: FeatureSet, val: FeatureSet | None) -> None:
-        # a base fitted elsewhere (a cached artifact) must also have a usable prior
+    def _fit(self, train: FeatureSet, val: FeatureSet | None, ctx: FitContext) -> None:
+        # a base fitted elsewhere (a frozen, cached artifact) must also have a usable prior
         validate_prior(self.base.source_prior_, self.base.num_classes_, f"method {self.base.name}: source prior",
                        allow_zero=False)
         logit_prior(self.base)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fit() has already warned about a renormalised target
-            self.target_prior_ = self._target(train.num_classes)
+        # validated by _check_params before the fit; uniform (num_classes >= 1) when not given
+        self.target_prior_ = (np.full(ctx.num_classes, 1.0 / ctx.num_classes) if self.target_prior is None
+                              else as_prior(self.target_prior))
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
         return post_compensate(logits, logit_prior(self.base), self.target_prior_)
@@ -281,7 +282,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-1
     return float(np.exp(-u))
 
 
-@register("ts", kind="suffix")
 class TemperatureScaling(Wrapper):
     """Temperature scaling (``<method>+ts``, Guo et al., ICML 2017): the base's logits divided by one
     temperature ``T`` fitted on the **val** split by NLL (:func:`fit_temperature`).
@@ -292,19 +292,18 @@ class TemperatureScaling(Wrapper):
     is what a following ``+pc`` removes.
     """
 
+    name = "ts"
+    kind = "suffix"
     needs_full_split = False  # the own fit uses the val split only (see Method.needs_full_split)
 
-    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "TemperatureScaling":
-        if val is None:
+    def _validate(self, ctx: FitContext) -> None:
+        if ctx.val is None:
             raise LongtailError(
                 f"method {self.base.name}+{self.name}: temperature scaling is fitted on the val split, "
                 "and there is none (give the store a val split)"
             )
-        if isinstance(val, FeatureSet):
-            val.require_labels()
-        return super().fit(train, val)
 
-    def _fit(self, train: FeatureSet, val: FeatureSet | None) -> None:
+    def _fit(self, train: FeatureSet, val: FeatureSet | None, ctx: FitContext) -> None:
         self.temperature_ = fit_temperature(self.base.logits(val.features), val.require_labels())
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:

@@ -24,25 +24,24 @@ Both are constructor parameters; choose them on val for a new data set, as the p
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from longtail.stages.base import register
-from longtail.stages.calibrate import validate_prior
-from longtail.stages.data import FeatureSet
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, _check_number, _Head
+from longtail.stages.base import FitContext
+from longtail.stages.calibrate import as_prior, validate_prior
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, TrainedHead
 from longtail.stages.losses.lade import lade_loss
+from longtail.stages.train.data import TrainData
+from longtail.stages.train.objective import LossObjective, Objective
 
 #: default LADER weight alpha (eq. 20) and Donsker-Varadhan regulariser lambda (eq. 9, 15): see the module docstring
 ALPHA = 0.1
 LAMBDA = 0.1
 
 
-@register("lade")
-class LADEHead(_Head):
+class LADEHead(TrainedHead):
     """Linear classifier trained with LADE (eq. 18-20); target prior injected at inference (eq. 17).
 
     Args:
@@ -51,6 +50,8 @@ class LADEHead(_Head):
         target_prior: ``C`` probabilities, the test-time label prior of eq. 17; ``None`` is uniform.
         epochs, lr, batch_size, weight_decay, seed, device: the shared head trainer's.
     """
+
+    name = "lade"
 
     def __init__(self, *, alpha: float = ALPHA, lam: float = LAMBDA, target_prior: Sequence[float] | None = None,
                  epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
@@ -61,41 +62,28 @@ class LADEHead(_Head):
         self.lam = lam
         self.target_prior = target_prior
 
-    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "LADEHead":
-        if isinstance(train, FeatureSet):  # Method.fit raises the TypeError otherwise
-            train.check_train()  # the same message as every method for a class without a sample
-            self._target(train.num_classes)  # a bad target prior fails before the training
-        return super().fit(train, val)
+    def _check_params(self, num_classes: int) -> None:
+        super()._check_params(num_classes)
+        self._check("alpha", self.alpha, low=0)
+        self._check("lam", self.lam, low=0)
+        if self.target_prior is not None:  # a bad target prior fails before the training
+            validate_prior(self.target_prior, num_classes, f"method {self.name!r}: target_prior")
 
-    def check_params(self, num_classes: int) -> None:
-        super().check_params(num_classes)
-        self._target(num_classes)
+    def objective(self, ctx: FitContext) -> Objective:
+        counts = torch.as_tensor(ctx.class_counts, dtype=torch.float64, device=ctx.device)  # > 0: checked in _fit
+        return LossObjective(lade_loss, class_counts=counts, alpha=float(self.alpha), lam=float(self.lam))
 
-    def _check_own_params(self) -> None:
-        _check_number(self.name, "alpha", self.alpha, low=0)
-        _check_number(self.name, "lam", self.lam, low=0)
+    def _train(self, data: TrainData, generator: torch.Generator, ctx: FitContext) -> None:
+        # validated by _check_params before the fit; uniform (num_classes >= 1) when not given
+        self.target_prior_ = (np.full(ctx.num_classes, 1.0 / ctx.num_classes) if self.target_prior is None
+                              else as_prior(self.target_prior))
+        super()._train(data, generator, ctx)
 
-    def _target(self, num_classes: int) -> np.ndarray:
-        if self.target_prior is None:
-            return np.full(num_classes, 1.0 / num_classes)  # num_classes >= 1 (FeatureSet)
-        return validate_prior(self.target_prior, num_classes, f"method {self.name!r}: target_prior")
-
-    def _loss_fn(self, class_counts, device):
-        counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device)  # validated in _fit
-        alpha, lam = float(self.alpha), float(self.lam)
-        return lambda z, y, epoch: lade_loss(z, y, counts, alpha=alpha, lam=lam)
-
-    def _train(self, x, y, class_counts, generator, val) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fit() has already warned about a renormalised target
-            self.target_prior_ = self._target(self.num_classes_)
-        super()._train(x, y, class_counts, generator, val)
-
-    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Eq. 17: ``f(x) + log p_t - log p_u``, the shift computed in float64."""
         with np.errstate(divide="ignore"):  # log 0 = -inf: a class the target prior excludes
             shift = np.log(self.target_prior_) + np.log(self.num_classes_)
-        return self.module_(x) + torch.as_tensor(shift, device=x.device).to(x.dtype)
+        return module(x) + torch.as_tensor(shift, device=x.device).to(x.dtype)
 
     def logit_prior(self) -> np.ndarray:
         """The label prior the logits carry (eq. 17): ``target_prior``, uniform by default."""

@@ -130,6 +130,27 @@ class NeighbourTable:
             raise LongtailError(f"neighbour table has indices outside [0, {n_rows}): rebuild it")
 
 
+
+def table_tensors(table: NeighbourTable) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors, meta)`` of ``table`` for an artifact: ``indices`` and ``similarities`` as torch
+    tensors (safetensors), ``k``, ``metric``, ``index``, ``fingerprint``, ``recall`` and ``rows`` as
+    JSON (the reverse: :func:`table_from_tensors`)."""
+    import torch
+
+    return ({"indices": torch.from_numpy(np.ascontiguousarray(table.indices)),
+             "similarities": torch.from_numpy(np.ascontiguousarray(table.similarities))},
+            {"k": table.k, "metric": table.metric, "index": table.index, "fingerprint": table.fingerprint,
+             "recall": table.recall, "rows": len(table)})
+
+
+def table_from_tensors(tensors: dict[str, Any], meta: dict[str, Any]) -> NeighbourTable:
+    """The table :func:`table_tensors` saved; a LongtailError for a missing entry."""
+    try:
+        return NeighbourTable(tensors["indices"].numpy(), tensors["similarities"].numpy(), int(meta["k"]),
+                              meta["metric"], meta["index"], str(meta["fingerprint"]), meta.get("recall"))
+    except KeyError as e:
+        raise LongtailError(f"corrupt neighbour table (no {e})") from e
+
 # ---------------------------------------------------------------------------------------- helpers
 def normalise(features: np.ndarray) -> np.ndarray:
     """Row-wise L2-normalised float32 copy of ``(N, D)`` features (checked: 2-D, non-empty, finite).

@@ -5,10 +5,11 @@ run's device, not on the device it was fitted on."""
 import numpy as np
 import pytest
 
-from longtail.pipeline import runner
+from longtail.pipeline import keys, methods, stores
 from longtail.pipeline.config import MethodSpec, parse_config
-from longtail.stages.base import make_method, needs_full_split
-from longtail.stages.calibrate import logit_prior, post_compensate
+from longtail.stages.base import Frozen
+from longtail.stages.registry import make_method, needs_full_split
+from longtail.stages.calibrate import post_compensate
 from longtail.stages.errors import LongtailError
 from longtail.storage.artifacts import ArtifactStore, save_tensors
 from longtail.storage.featurestore import FeatureStore, FeatureStoreWriter, open_store
@@ -30,7 +31,7 @@ def store(tmp_path):
         w.write_chunk(s, x, y)
         w.end_split(s)
     fp = w.finish()
-    return {"url": url, "data": data, "info": runner.StoreInfo(url, fp, cached=True)}
+    return {"url": url, "data": data, "info": stores.StoreInfo(url, fp, cached=True)}
 
 
 def _cfg(tmp_path, store, device="cpu"):
@@ -67,11 +68,11 @@ def test_split_logits_equal_logits_at_once(store, counting):
     head = make_method("ce", FAST | {"device": "cpu"}).fit(fs.read("train"))
     x_test = store["data"]["test"][0]
     seen.clear()
-    chunked = runner.split_logits(head, fs, "test")  # the stored chunk size
+    chunked = methods.split_logits(head, fs, "test")  # the stored chunk size
     assert seen["test"] == [7] * 6 + [6]  # 48 rows: never more than one chunk at a time
     np.testing.assert_allclose(chunked, head.logits(x_test), rtol=1e-6, atol=1e-6)
     seen.clear()
-    np.testing.assert_allclose(runner.split_logits(head, fs, "test", rows=5), head.logits(x_test), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(methods.split_logits(head, fs, "test", rows=5), head.logits(x_test), rtol=1e-6, atol=1e-6)
     assert max(seen["test"]) == 5 and sum(seen["test"]) == 48
 
 
@@ -79,10 +80,10 @@ def test_run_method_never_reads_the_test_split_whole(tmp_path, store, counting):
     seen, forbidden = counting
     forbidden.add("test")
     cfg = _cfg(tmp_path, store)
-    res = runner.run_method(cfg, cfg.methods[0], store["info"])
+    res = methods.run_method(cfg, cfg.methods[0], store["info"])
     assert max(seen["test"]) <= CHUNK and sum(seen["test"]) == 48
-    head = runner.load_method(cfg, res.key)
-    np.testing.assert_allclose(runner.method_logits(cfg, res.key, "test"), head.logits(store["data"]["test"][0]),
+    head = methods.load_method(cfg, res.key)
+    np.testing.assert_allclose(methods.method_logits(cfg, res.key, "test"), head.logits(store["data"]["test"][0]),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -97,7 +98,8 @@ def test_needs_full_split():
     from longtail.stages.data import FeatureSet
 
     pc.base.fit(FeatureSet(x, y, np.bincount(y), list("abcd")))
-    assert not needs_full_split(pc)  # only the prior is left to fit
+    assert needs_full_split(pc)  # a fitted base that is not frozen is refitted
+    assert not needs_full_split(pc.with_base(Frozen(pc.base)))  # only the prior is left to fit
     assert needs_full_split(make_method("ce+ts+pc", FAST))
 
 
@@ -106,8 +108,8 @@ def test_fit_split_class_means_by_hand(store, counting):
     forbidden.add("train")
     fs = open_store(store["url"])
     pc = make_method("ce+pc", FAST)
-    pc.base.num_classes_ = 4  # is_fitted(): only the wrapper's own fit is left
-    means = runner.fit_split(pc, fs, rows=CHUNK)
+    pc = pc.with_base(Frozen(pc.base))  # only the wrapper's own fit is left
+    means = methods.fit_split(pc, fs, rows=CHUNK)
     x, y = store["data"]["train"]
     np.testing.assert_allclose(means.features, np.stack([x[y == c].mean(0) for c in range(4)]), rtol=1e-6)
     assert means.labels.tolist() == [0, 1, 2, 3]
@@ -119,15 +121,15 @@ def test_fit_split_class_means_by_hand(store, counting):
 def test_wrapper_of_a_cached_base_never_reads_train_whole(tmp_path, store, counting):
     seen, forbidden = counting
     cfg = _cfg(tmp_path, store)
-    base = runner.run_method(cfg, cfg.methods[0], store["info"])
+    base = methods.run_method(cfg, cfg.methods[0], store["info"])
     forbidden.update({"train", "test"})
     seen.clear()
-    res = runner.run_method(cfg, cfg.methods[1], store["info"])  # ce+pc on the cached ce
+    res = methods.run_method(cfg, cfg.methods[1], store["info"])  # ce+pc on the cached ce
     assert max(seen["train"]) <= CHUNK and sum(seen["train"]) == 99
     # PC-Softmax (paper 002, eq. 4) of the cached head's logits: f - log p_s + log p_t, p_t uniform
-    ce = runner.load_method(cfg, base.key)
-    expected = post_compensate(runner.method_logits(cfg, base.key, "test"), logit_prior(ce))
-    np.testing.assert_allclose(runner.method_logits(cfg, res.key, "test"), expected, rtol=1e-5, atol=1e-5)
+    ce = methods.load_method(cfg, base.key)
+    expected = post_compensate(methods.method_logits(cfg, base.key, "test"), ce.logit_prior())
+    np.testing.assert_allclose(methods.method_logits(cfg, res.key, "test"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_split_names_a_class_without_train_rows(tmp_path):
@@ -145,9 +147,9 @@ def test_fit_split_names_a_class_without_train_rows(tmp_path):
     fs._attrs["class_counts"] = [5, 5, 5, 0]
     fs._attrs["class_names"] = ["a", "b", "c", "d"]
     pc = make_method("ce+pc", FAST)
-    pc.base.num_classes_ = 4
+    pc = pc.with_base(Frozen(pc.base))
     with pytest.raises(LongtailError, match="class\\(es\\) with no train sample: d"):
-        runner.fit_split(pc, fs)
+        methods.fit_split(pc, fs)
 
 
 def test_cached_fit_loads_on_the_runs_device(tmp_path, store):
@@ -159,8 +161,8 @@ def test_cached_fit_loads_on_the_runs_device(tmp_path, store):
     params = FAST | {"device": "cuda:0", "pc": {"target_prior": None}}
     ArtifactStore(cfg.artifacts_url).write("method", "abcdef01", {"state.safetensors": save_tensors(pc.state_dict())},
                                            {"name": "ce+pc", "params": params})
-    loaded = runner.load_method(cfg, "abcdef01")
+    loaded = methods.load_method(cfg, "abcdef01")
     assert loaded.base.device == "cpu"
     np.testing.assert_array_equal(loaded.logits(store["data"]["test"][0]), pc.logits(store["data"]["test"][0]))
-    assert runner._with_device({"a": 1, "device": "cuda", "dlsa": {"device": "cuda:1", "k": 2}}, "cpu") == \
+    assert keys.with_device({"a": 1, "device": "cuda", "dlsa": {"device": "cuda:1", "k": 2}}, "cpu") == \
         {"a": 1, "device": "cpu", "dlsa": {"device": "cpu", "k": 2}}

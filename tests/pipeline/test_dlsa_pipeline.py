@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from longtail.pipeline import runner
+from longtail.pipeline import graph
 from longtail.pipeline.config import parse_config
 from tests.pipeline.conftest import assert_user_error, invoke
 
@@ -25,7 +25,7 @@ def test_one_cascade_serves_every_head(imported_run, tmp_path, monkeypatch):
     cfg = parse_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o"),
                         "methods": [{"name": f"dlsa+{h}", "params": {"epochs": 5, "dlsa": DLSA}}
                                     for h in ("ce", "balanced-softmax")]})
-    metrics = runner.run_all(cfg)
+    metrics = graph.run_all(cfg)
     assert len(fits) == 1
     diag = metrics["dlsa"]["dlsa+ce"]
     assert diag == metrics["dlsa"]["dlsa+balanced-softmax"]
@@ -35,7 +35,7 @@ def test_one_cascade_serves_every_head(imported_run, tmp_path, monkeypatch):
     # the wrapped head is the cached plain head: a run of `ce` alone fits nothing new
     spy = []
     monkeypatch.setattr(dlsa.FlowCascade, "fit", lambda *a: spy.append(1))
-    runner.run_all(parse_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o"),
+    graph.run_all(parse_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o"),
                                  "methods": [{"name": "dlsa+ce", "params": {"epochs": 5, "dlsa": DLSA}}]}))
     assert spy == []
 

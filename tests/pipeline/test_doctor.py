@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.pipeline import doctor, runner
+from longtail.pipeline import doctor, methods
 from longtail.stages.device import resolve_device
 from longtail.stages.errors import LongtailError
 from tests.pipeline.conftest import assert_user_error, invoke
@@ -40,7 +40,7 @@ def test_doctor_text_and_quick():
 
 def test_a_failing_step_fails_the_command_and_skips_the_rest(monkeypatch):
     # chunked logits that disagree with the whole split: the logits step must catch it
-    monkeypatch.setattr(runner, "split_logits", lambda method, fs, split, rows=None: np.zeros((50, 5), np.float32))
+    monkeypatch.setattr(methods, "split_logits", lambda method, fs, split, rows=None: np.zeros((50, 5), np.float32))
     r = invoke("doctor", "--device", "cpu")
     assert r.exit_code == 1, r.output
     status = {line.split()[1]: line.split()[0] for line in r.stdout.splitlines()

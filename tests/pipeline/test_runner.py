@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from longtail.pipeline import runner
+from longtail.pipeline import extract, graph, methods, preflight
 from longtail.pipeline.config import parse_config
 from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore import open_store, store_status
@@ -27,7 +27,7 @@ def _cfg(tmp_path, **over):
 
 def test_python_backbone_extracts_classifier_inputs_and_is_reused(tmp_path):
     cfg = _cfg(tmp_path)
-    info = runner.run_extract(cfg)
+    info = extract.run_extract(cfg)
     assert not info.cached
     store = open_store(cfg.store)
     train = store.read("train")
@@ -39,12 +39,12 @@ def test_python_backbone_extracts_classifier_inputs_and_is_reused(tmp_path):
     with torch.no_grad():
         expected = net[:3](torch.as_tensor(images)).numpy()
     np.testing.assert_allclose(train.features, expected, rtol=1e-5, atol=1e-6)
-    assert runner.run_extract(cfg).cached
+    assert extract.run_extract(cfg).cached
     # another backbone (other kwargs, so other weights) never overwrites the complete store
     other = _cfg(tmp_path, backbone={"kind": "python", "target": "tests.pipeline.test_runner:digits_net",
                                      "kwargs": {"hidden": 8}, "classifier": "3"})
     with pytest.raises(LongtailError, match="never overwritten"):
-        runner.preflight(other)
+        preflight.preflight(other)
     assert open_store(cfg.store).fingerprint == info.fingerprint
 
 
@@ -61,7 +61,7 @@ def test_interrupted_extraction_resumes_without_rewriting_finished_splits(tmp_pa
 
     monkeypatch.setattr(featurestore.FeatureStoreWriter, "begin_split", interrupt_at_test)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_extract(cfg)
+        extract.run_extract(cfg)
     assert store_status(cfg.store) == "incomplete"
     with pytest.raises(LongtailError, match="interrupted"):
         open_store(cfg.store)
@@ -73,28 +73,28 @@ def test_interrupted_extraction_resumes_without_rewriting_finished_splits(tmp_pa
         return real_begin(self, name)
 
     monkeypatch.setattr(featurestore.FeatureStoreWriter, "begin_split", record)
-    info = runner.run_extract(cfg)
+    info = extract.run_extract(cfg)
     assert begun == ["test"]  # train and val were complete and kept
     fresh = _cfg(tmp_path / "b")
     monkeypatch.setattr(featurestore.FeatureStoreWriter, "begin_split", real_begin)
-    assert runner.run_extract(fresh).fingerprint == info.fingerprint
+    assert extract.run_extract(fresh).fingerprint == info.fingerprint
 
 
 def test_method_keys_follow_parameters_not_device(tmp_path):
     cfg = _cfg(tmp_path)
     spec = cfg.methods[0]
-    m, p = runner.build_method(cfg, spec)
-    k1 = runner.method_key("fp", spec.name, p, m)
-    assert runner.method_key("fp", spec.name, dict(p, device="cuda"), m) == k1
-    assert runner.method_key("fp", spec.name, dict(p, epochs=4), m) != k1
-    assert runner.method_key("other-store", spec.name, p, m) != k1
+    m, p = methods.build_method(cfg, spec)
+    k1 = methods.method_key("fp", spec, p, m)
+    assert methods.method_key("fp", spec, dict(p, device="cuda"), m) == k1
+    assert methods.method_key("fp", spec, dict(p, epochs=4), m) != k1
+    assert methods.method_key("other-store", spec, p, m) != k1
     assert p["seed"] == cfg.seed and p["device"] == cfg.device
 
 
 def test_parameter_change_refits_only_that_method(tmp_path, monkeypatch):
     methods = [{"name": "ce", "params": {"epochs": 3}}, {"name": "balanced-softmax", "params": {"epochs": 3}}]
     cfg = _cfg(tmp_path, methods=methods)
-    runner.run_all(cfg)
+    graph.run_all(cfg)
     fitted = []
     from longtail.stages import base
 
@@ -106,5 +106,5 @@ def test_parameter_change_refits_only_that_method(tmp_path, monkeypatch):
 
     monkeypatch.setattr(base.Method, "fit", spy)
     methods[1]["params"]["epochs"] = 4
-    runner.run_all(_cfg(tmp_path, methods=methods))
+    graph.run_all(_cfg(tmp_path, methods=methods))
     assert fitted == ["balanced-softmax"]

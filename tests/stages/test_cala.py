@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import longtail.stages.cala as cala_module
-from longtail.stages.base import make_method
+from longtail.stages.registry import make_method
 from longtail.stages.calibrate import logit_prior
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError

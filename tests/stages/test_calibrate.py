@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.stages.base import make_method
+from longtail.stages.base import Frozen
+from longtail.stages.registry import make_method
 from longtail.stages.calibrate import (
     PostCompensatedSoftmax,
     TemperatureScaling,
@@ -168,13 +169,16 @@ def test_pc_logits_are_the_post_compensated_base_logits(imbalanced):
                                atol=1e-5)
 
 
-def test_pc_around_an_already_fitted_base_does_not_refit_it(imbalanced):
+def test_pc_around_a_frozen_base_does_not_refit_it_and_around_a_plain_one_does(imbalanced):
     train, xt, _ = imbalanced
     ce = make_method("ce", FAST).fit(train)
     module = ce.module_
-    pc = PostCompensatedSoftmax(ce).fit(train)
-    assert pc.base.module_ is module  # the cached fit is reused as is
+    pc = PostCompensatedSoftmax(Frozen(ce)).fit(train)
+    assert pc.base.inner.module_ is module  # the cached fit is reused as is
     np.testing.assert_array_equal(pc.logits(xt), post_compensate(ce.logits(xt), train.prior, None))
+    refit = PostCompensatedSoftmax(ce).fit(train)  # not frozen: fitting the wrapper refits the base
+    assert ce.module_ is not module
+    np.testing.assert_array_equal(refit.logits(xt), pc.logits(xt))  # the same seed, the same fit
 
 
 def test_pc_with_the_source_prior_as_target_changes_nothing(imbalanced):
@@ -315,7 +319,7 @@ def test_a_method_without_its_own_logit_prior_is_taken_to_carry_the_train_prior(
     from longtail.stages.base import Method
 
     class Raw(Method):  # not registered: a method written elsewhere
-        def _fit(self, train, val):
+        def _fit(self, train, val, ctx):
             pass
 
         def _logits(self, features):
@@ -361,8 +365,8 @@ def with_val(imbalanced):
 def test_ts_lowers_val_nll_and_keeps_accuracy(with_val):
     train, val, xt, yt = with_val
     ce = make_method("ce", {**FAST, "epochs": 10}).fit(train, val)
-    ts = TemperatureScaling(ce).fit(train, val)
-    assert ts.base is ce and ts.temperature_ > 0
+    ts = TemperatureScaling(Frozen(ce)).fit(train, val)  # frozen: fits the temperature only
+    assert ts.base.inner is ce and ts.temperature_ > 0
     assert nll(ts.logits(val.features), val.labels) < nll(ce.logits(val.features), val.labels) - 1e-3
     np.testing.assert_array_equal(ts.predict(xt), ce.predict(xt))  # T > 0 keeps every argmax
     np.testing.assert_allclose(ts.logits(xt), ce.logits(xt) / ts.temperature_, rtol=1e-6)

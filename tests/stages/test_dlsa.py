@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import longtail.stages.dlsa as dlsa
-from longtail.stages.base import make_method
+from longtail.stages.registry import make_method
 from longtail.stages.data import FeatureSet
 from longtail.stages.dlsa import (
     DLSA,

@@ -1,4 +1,4 @@
-"""Tests of stages/evaluate.py: metrics against scikit-learn, plain loops and hand-computed values."""
+"""Tests of stages/evaluate/: metrics against scikit-learn, plain loops and hand-computed values."""
 
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def test_evaluate_returns_exactly_the_contract_keys_as_floats():
 def test_chunking_does_not_change_the_metrics(monkeypatch):
     logits, labels, counts = _random_problem(8, n=123, c=7)
     whole = evaluate(logits, labels, counts)
-    monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", 20)  # 2 rows per chunk
+    monkeypatch.setattr(ev.classification, "CHUNK_ELEMENTS", 20)  # 2 rows per chunk
     chunked = evaluate(logits, labels, counts)
     assert chunked == pytest.approx(whole, abs=1e-14)
 

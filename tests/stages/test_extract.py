@@ -89,6 +89,27 @@ def test_small_cnn_training_is_seeded():
     assert a.weights_hash == b.weights_hash != c.weights_hash
 
 
+def test_small_cnn_training_draws_from_its_own_generators_and_logs_each_epoch():
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    x = rng.random((40, 1, 8, 8), dtype=np.float32) * 0.5
+    x[y == 1, :, :4] += 0.5  # class 1: a bright top half
+    before = torch.random.get_rng_state()
+    bb = ex.train_small_cnn(x, y, 2, epochs=15, batch_size=8, width=4, seed=0, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global generator is not touched
+    losses = [row["loss"] for row in bb.train_log]
+    assert [row["epoch"] for row in bb.train_log] == list(range(15))
+    assert losses[-1] < 0.5 * losses[0]  # it learns the bright-top-half rule
+
+
+def test_shift_images_moves_the_content_by_one_pixel_with_zero_padding():
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    assert torch.equal(ex.shift_images(x, 0, 0), x)
+    # dx = 1: each pixel shows its right neighbour, the last column is padding
+    assert ex.shift_images(x, 1, 0)[0, 0].tolist() == [[1, 2, 0], [4, 5, 0], [7, 8, 0]]
+    assert ex.shift_images(x, 0, -1)[0, 0].tolist() == [[0, 0, 0], [0, 1, 2], [3, 4, 5]]
+
+
 def test_bad_backbones(tmp_path):
     with pytest.raises(LongtailError, match="does not exist"):
         ex.load_torchscript(str(tmp_path / "missing.pt"))

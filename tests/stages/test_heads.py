@@ -1,20 +1,20 @@
-"""Stage-2 heads: the shared trainer and samplers, and what each objective should do to a long tail."""
+"""Stage-2 heads: the head protocol, the samplers they train with, and what each objective should do
+to a long tail."""
 
 import numpy as np
 import pytest
 import torch
 
 import longtail.stages.heads as heads
-from longtail.stages.base import make_method
+from longtail.stages.base import FitContext
 from longtail.stages.data import FeatureSet
+from longtail.stages.decoupled import TAU_GRID
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import (
-    TAU_GRID,
-    ClassBalancedSampler,
-    deferred_reweighting_epoch,
-    instance_balanced_indices,
-)
+from longtail.stages.heads import deferred_reweighting_epoch
 from longtail.stages.losses import class_balanced_weights, ldam_loss
+from longtail.stages.registry import make_method
+from longtail.stages.train.data import TrainData
+from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
 
 COUNTS = [200, 100, 40, 15, 5]
 NAMES = tuple("abcde")
@@ -51,22 +51,22 @@ def ce_fit(data):
 # ---------------------------------------------------------------------- samplers and schedule
 def test_instance_sampler_is_a_seeded_permutation():
     g = torch.Generator().manual_seed(3)
-    a = instance_balanced_indices(50, g)
+    a = InstanceSampler().epoch_order(50, g)
     assert sorted(a.tolist()) == list(range(50))
-    assert torch.equal(a, instance_balanced_indices(50, torch.Generator().manual_seed(3)))
-    assert not torch.equal(a, instance_balanced_indices(50, g))  # the next epoch is another order
+    assert torch.equal(a, InstanceSampler().epoch_order(50, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, InstanceSampler().epoch_order(50, g))  # the next epoch is another order
 
 
 def test_class_balanced_sampler_draws_classes_uniformly_and_samples_within_class_uniformly():
     labels = torch.tensor(np.repeat(np.arange(5), COUNTS))
     sampler = ClassBalancedSampler(labels, 5)
-    idx = sampler(50_000, torch.Generator().manual_seed(0))
+    idx = sampler.epoch_order(50_000, torch.Generator().manual_seed(0))
     drawn = np.bincount(labels[idx].numpy(), minlength=5)
     np.testing.assert_allclose(drawn / 50_000, 0.2, atol=0.01)  # instance sampling would give 0.56 .. 0.014
     tail = idx[labels[idx] == 4].numpy()  # the 5 samples of the rarest class, each ~1/5 of its draws
     assert set(tail) == set(range(355, 360))
     np.testing.assert_allclose(np.bincount(tail - 355) / len(tail), 0.2, atol=0.03)
-    assert torch.equal(idx, sampler(50_000, torch.Generator().manual_seed(0)))
+    assert torch.equal(idx, sampler.epoch_order(50_000, torch.Generator().manual_seed(0)))
 
 
 def test_class_balanced_sampler_rejects_an_empty_class():
@@ -83,13 +83,21 @@ def test_deferred_reweighting_epoch():
 
 def test_ldam_drw_switches_to_class_balanced_weights_in_the_last_fifth():
     head = make_method("ldam-drw", {"epochs": 10})
-    loss = head._loss_fn(np.array(COUNTS), torch.device("cpu"))
+    counts = np.array(COUNTS)
+    ctx = FitContext(5, 5, counts, counts / counts.sum(), torch.device("cpu"))
+    objective = head.objective(ctx)
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(16, 5, generator=g).tanh(), torch.randint(5, (16,), generator=g)
+    data = TrainData(z, y)
+    identity = lambda x: x  # noqa: E731  (the batch's inputs are the logits)
+
+    def loss(epoch):
+        return objective.loss(identity, data.batch(torch.arange(16), epoch, 0), None).loss.item()
+
     plain = ldam_loss(z, y, COUNTS, max_margin=0.5, scale=30.0)
     weighted = ldam_loss(z, y, COUNTS, max_margin=0.5, scale=30.0, weight=class_balanced_weights(COUNTS, 0.9999))
-    assert [loss(z, y, e).item() for e in range(8)] == pytest.approx([plain.item()] * 8, abs=1e-6)
-    assert [loss(z, y, e).item() for e in (8, 9)] == pytest.approx([weighted.item()] * 2, abs=1e-6)
+    assert [loss(e) for e in range(8)] == pytest.approx([plain.item()] * 8, abs=1e-6)
+    assert [loss(e) for e in (8, 9)] == pytest.approx([weighted.item()] * 2, abs=1e-6)
     assert weighted.item() != pytest.approx(plain.item(), abs=1e-3)
 
 

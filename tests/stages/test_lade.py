@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.stages.base import make_method
+from longtail.stages.registry import make_method
 from longtail.stages.calibrate import logit_prior, post_compensate
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError

@@ -1,17 +1,21 @@
 """One contract over every registered method (the spirit of scikit-learn's ``check_estimator``).
 
-Parametrised over ``known_methods()`` plus the composites ``ce+pc`` and ``dlsa+ce``: a method added to the registry is
-checked here without a new line.
+Parametrised over ``known_methods()`` plus the composites ``ce+pc``, ``ce+ts`` and ``dlsa+ce``: a
+method added to the registry is checked here without a new line.
 """
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longtail.stages.base import PREFIX_WRAPPERS, Method, Wrapper, known_methods, make_method
+from longtail.stages.base import Frozen, Method, Wrapper, clone
+from longtail.stages.calibrate import validate_prior
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
+from longtail.stages.registry import PREFIX_WRAPPERS, known_methods, make_method
 
 C, D = 4, 6
 NAMES = ("a", "b", "c", "d")
@@ -26,7 +30,7 @@ def _params(name: str) -> dict:
     return params
 
 
-ALL = known_methods() + ["ce+pc", "dlsa+ce"]
+ALL = known_methods() + ["ce+pc", "ce+ts", "dlsa+ce"]
 
 
 def _data(counts=(60, 30, 12, 6), seed=0, labels_of=None):
@@ -160,3 +164,123 @@ def test_logits_check_fitted_and_dimension(name, fitted):
         make_method(name, _params(name)).logits(np.zeros((2, D), np.float32))
     with pytest.raises(LongtailError, match="do not match the fitted dimension"):
         fitted(name).logits(np.zeros((2, D + 1), np.float32))
+
+
+# ---------------------------------------------------------------------- the lifecycle (issue 10)
+def _learned(method: Method) -> dict[str, list[str]]:
+    """The learned (``*_``) attributes of every method of the chain, by position."""
+    return {f"{i}:{type(m).__name__}": sorted(k for k in vars(m) if k.endswith("_"))
+            for i, m in enumerate(method.chain()) if not isinstance(m, Frozen)}
+
+
+def _other_data():
+    """A train split of the same classes and dimension, other rows and other counts."""
+    return _data(counts=(20, 35, 50, 10), seed=5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_refit_on_other_data_equals_a_fresh_fit_on_it(name, train, val, test_x):
+    """Defect (a) of issue 10: ``ce+pc`` fitted on ``a`` then on ``b`` kept the base fitted on ``a``."""
+    other = _other_data()
+    method = make_method(name, _params(name)).fit(train, val)
+    first = method.logits(test_x)
+    method.fit(other, val)
+    fresh = make_method(name, _params(name)).fit(other, val)
+    np.testing.assert_array_equal(method.logits(test_x), fresh.logits(test_x))
+    assert not np.array_equal(method.logits(test_x), first)
+    np.testing.assert_array_equal(method.source_prior_, other.prior)
+    for m in method.chain():
+        np.testing.assert_array_equal(m.source_prior_, other.prior)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_failed_fit_leaves_nothing_fitted_and_a_later_good_fit_works(name, train, val, test_x):
+    """Defect (b) of issue 10: a failed fit (``epochs: 0``) left the method fitted, and the next
+    fit crashed with ``AttributeError: ... 'mean_'``."""
+    bad = make_method(name, {**_params(name), "epochs": 0})
+    with pytest.raises(LongtailError, match="epochs = 0"):
+        bad.fit(train, val)
+    assert not any(m.is_fitted() for m in bad.chain())
+    assert not any(_learned(bad).values())
+    # fitted first, then a failed refit: the old fit is gone too
+    method = make_method(name, _params(name)).fit(train, val)
+    holder = next(m for m in method.chain() if "epochs" in m._param_names())
+    holder.epochs = 0
+    with pytest.raises(LongtailError, match="epochs = 0"):
+        method.fit(train, val)
+    assert not method.is_fitted() and not any(_learned(method).values())
+    with pytest.raises(RuntimeError, match="not fitted"):
+        method.logits(test_x)
+    holder.epochs = _params(name)["epochs"]
+    np.testing.assert_array_equal(method.fit(train, val).logits(test_x), fitted_logits(name, train, val, test_x))
+
+
+_FITTED_LOGITS: dict[str, np.ndarray] = {}
+
+
+def fitted_logits(name, train, val, test_x):
+    if name not in _FITTED_LOGITS:
+        _FITTED_LOGITS[name] = make_method(name, _params(name)).fit(train, val).logits(test_x)
+    return _FITTED_LOGITS[name]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fit_leaves_the_parameters_unchanged(name, train, val):
+    method = make_method(name, _params(name))
+    before = copy.deepcopy(_make_params(method))
+    stored = {i: dict(vars(m)) for i, m in enumerate(method.chain())}
+    method.fit(train, val)
+    assert _make_params(method) == before
+    for i, m in enumerate(method.chain()):  # the very objects given, not copies (sklearn's check)
+        for key in m._param_names():
+            assert getattr(m, key) is stored[i][key], (type(m).__name__, key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_clone_is_an_unfitted_copy_with_equal_parameters(name, fitted, train, val, test_x):
+    method = fitted(name)
+    copied = clone(method)
+    assert type(copied) is type(method)
+    assert not copied.is_fitted() and not any(_learned(copied).values())
+    assert _make_params(copied) == _make_params(method)
+    for original, twin in zip(method.chain(), copied.chain()):
+        assert twin is not original
+    np.testing.assert_array_equal(copied.fit(train, val).logits(test_x), method.logits(test_x))
+    assert method.is_fitted()  # the original is untouched
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_of_a_subset_are_the_subset_of_the_logits(name, fitted, test_x):
+    """Each row's logits depend on that row only (the pipeline computes them chunk by chunk).
+    Up to float32 rounding: BLAS picks its kernel (and so its summation order) by the number of
+    rows, and the golden logits pin today's kernels, so bit equality cannot be asked for."""
+    method = fitted(name)
+    z = method.logits(test_x)
+    for a, b in ((0, 1), (3, 17), (40, len(test_x))):
+        np.testing.assert_allclose(method.logits(test_x[a:b]), z[a:b], rtol=1e-5, atol=1e-6)
+    # nor does the order of the rows (a reversed, negatively strided view included)
+    np.testing.assert_allclose(method.logits(test_x[::-1])[::-1], z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logit_prior_is_a_valid_prior(name, fitted):
+    prior = fitted(name).logit_prior()
+    assert isinstance(prior, np.ndarray) and prior.dtype == np.float64 and prior.shape == (C,)
+    assert np.isfinite(prior).all() and (prior > 0).all()
+    assert prior.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_array_equal(validate_prior(prior, C, name, allow_zero=False), prior / prior.sum())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_wrapper_around_a_frozen_copy_fits_only_itself(name, fitted, train, val, test_x):
+    method = fitted(name)
+    if not isinstance(method, Wrapper):
+        return
+    base = method.base
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    wrapped = method.with_base(Frozen(base))
+    assert type(wrapped) is type(method) and not wrapped.is_fitted() and wrapped.base.inner is base
+    wrapped.fit(train, val)
+    after = base.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
+    np.testing.assert_array_equal(wrapped.logits(test_x), method.logits(test_x))

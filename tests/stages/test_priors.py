@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from longtail.stages.base import make_method
+from longtail.stages.registry import make_method
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
 from longtail.stages.priors import bbse_prior, em_prior, estimate_target_prior

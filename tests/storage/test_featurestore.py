@@ -13,7 +13,7 @@ import zarr
 
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
-from longtail.storage.featurestore import FeatureStoreWriter, open_store, store_status
+from longtail.storage.featurestore import CorruptStoreError, FeatureStoreWriter, StorePlan, open_store, store_status
 
 D = 6
 NAMES = ["cat", "dog", "emu"]
@@ -367,6 +367,33 @@ def test_hand_edited_labels_and_features_are_caught(tmp_path, data):
     with pytest.raises(LongtailError, match="no 'labels' array"):
         open_store(url).read("test")
 
+
+def test_corrupt_store_errors_are_one_type_and_wrapped_once(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    g = zarr.open_group(url, mode="r+")
+    g["val"]["labels"][2] = 7  # caught by the FeatureSet's checks, reported as a corrupt store
+    with pytest.raises(CorruptStoreError) as e:
+        open_store(url).read("val")
+    assert str(e.value).count("rebuild it") == 1
+    (tmp_path / "f.zarr" / "test" / "index" / "c" / "0").unlink()  # the store's own check: not re-wrapped
+    with pytest.raises(CorruptStoreError, match="'index' has negative entries") as e:
+        open_store(url).read("test")
+    assert "rebuild it" not in str(e.value)
+    _edit_root(tmp_path / "f.zarr", feature_dim=0)
+    with pytest.raises(CorruptStoreError, match="feature_dim 0"):
+        open_store(url)
+
+
+def test_reader_and_writer_agree_on_the_plan(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    fp = build(url, data)
+    kw = {k: v for k, v in plan(data).items() if k != "chunk_rows"}
+    written = StorePlan.create(url, **kw)
+    st = open_store(url)
+    assert st.plan == written and written.matches(st.attrs)
+    assert written.fingerprint({s: st.split_fingerprint(s) for s in st.splits}) == fp == st.fingerprint
+    assert not StorePlan.create(url, **(kw | {"backbone_hash": "other"})).matches(st.attrs)
 
 def test_unknown_split(tmp_path, data):
     url = str(tmp_path / "f.zarr")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from longtail.stages.data import FeatureSet
-from longtail.stages.base import make_method
+from longtail.stages.registry import make_method
 
 C, D = 5, 8
 

@@ -1,4 +1,4 @@
-"""Tests of stages/report.py: the comparison table, the plots and the md/html files."""
+"""Tests of the report pages and plots (pipeline/report): the comparison table, the plots and the md/html files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from longtail.stages.errors import LongtailError
 from longtail.stages.evaluate import confusion, evaluate, per_class_accuracy, softmax
-from longtail.stages.report import plot_confusion, plot_per_class_accuracy, plot_reliability, render_report
+from longtail.pipeline.report.plots import plot_confusion, plot_per_class_accuracy, plot_reliability
+from longtail.pipeline.report.render import render_report
 
 C = 10
 NAMES = [f"class_{i}" for i in range(C)]

@@ -1,0 +1,170 @@
+"""Stage 3, evaluation: every configured method on the test split (metrics, calibration, shot
+groups, (class, attribute) groups, shifted label distributions, the diagnostics methods declare),
+written to ``metrics.json`` and ``evaluation.npz``, keyed by its inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from longtail.pipeline.config import RunConfig
+from longtail.pipeline.io import write_bytes, write_json
+from longtail.pipeline.keys import code_version, stable_hash
+from longtail.pipeline.methods import MethodResult, load_method, method_logits
+from longtail.pipeline.stores import StoreInfo, open_features
+from longtail.stages import evaluate as ev
+from longtail.stages.base import Method
+from longtail.stages.errors import LongtailError
+from longtail.stages.label_shift import shifted_evaluation
+
+
+def evaluate_code_version() -> str:
+    """Source hash of the evaluation: this module's import closure (metrics, label shift, prior
+    estimators, group metrics; not extraction code)."""
+    return code_version([__name__])
+
+
+# ---------------------------------------------------------------------------- group metrics
+def use_groups(cfg: RunConfig, test_has_attributes: bool, where: str) -> bool:
+    """Whether the evaluation computes group metrics; an error when they are required
+    (``evaluation.groups: true``) and ``where`` (a store or dataset) has no test attributes."""
+    wanted = cfg.evaluation.groups
+    if wanted and not test_has_attributes:
+        raise LongtailError(
+            f"evaluation.groups is true but the test split of {where} has no attributes: group metrics "
+            "need an attribute per test sample (import-features takes an 'attributes' array per file)"
+        )
+    return test_has_attributes if wanted is None else bool(wanted)
+
+
+def group_info(test, attribute_names: list[str] | None) -> dict:
+    """``metrics.json``'s ``groups``: the test samples per (class, attribute) group and the names."""
+    counts = ev.group_counts(test.labels, test.attributes, test.num_classes, len(attribute_names or []) or None)
+    names = list(attribute_names or [])
+    names += [str(a) for a in range(len(names), counts.shape[1])]
+    return {"attribute_names": names, "test_counts": counts.tolist()}
+
+
+# ---------------------------------------------------------------------------- keys and lineage
+def evaluate_inputs(cfg: RunConfig, store: StoreInfo, results: list[MethodResult]) -> dict:
+    """What ``metrics.json`` depends on: the features, every method's artifact, the evaluation
+    settings, the seed (shifted subsets) and the evaluation code."""
+    return {"store_fingerprint": store.fingerprint, "artifacts": {r.name: r.key for r in results},
+            "evaluation": cfg.evaluation.model_dump(mode="json"), "seed": cfg.seed,
+            "code_version": evaluate_code_version()}
+
+
+def evaluate_key(inputs: dict) -> str:
+    """The key of ``metrics.json`` written from ``inputs`` (:func:`evaluate_inputs`)."""
+    return stable_hash("evaluate", inputs)
+
+
+def recorded_evaluate(metrics: dict | None) -> dict:
+    """``lineage.evaluate`` (``{"key", "inputs"}``) of a ``metrics.json`` read back; {} when absent."""
+    return ((metrics or {}).get("lineage") or {}).get("evaluate") or {}
+
+
+def read_metrics(out_dir: str) -> dict | None:
+    """``OUT/metrics.json`` of an earlier run, or None when absent or unreadable."""
+    try:
+        with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def declares_diagnostics(method: Method) -> bool:
+    """Whether a method of the chain overrides :meth:`Method.diagnostics` (only then is the train
+    split read for it)."""
+    return any(type(m).diagnostics is not Method.diagnostics for m in method.chain())
+
+
+def method_diagnostics(method: Method, train) -> dict[str, Any]:
+    """``{metrics.json section: payload}`` of every method of the chain (the outermost wins a section)."""
+    out: dict[str, Any] = {}
+    for m in method.chain():
+        for section, payload in (m.diagnostics(train) or {}).items():
+            out.setdefault(section, payload)
+    return out
+
+
+# ---------------------------------------------------------------------------- the stage
+def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], force: bool = False) -> dict:
+    """Evaluate every configured method on the test split; write ``metrics.json`` and the
+    per-class details the report plots from (``evaluation.npz``).
+
+    Keyed like every stage: when ``metrics.json`` was written from the same inputs (see
+    :func:`evaluate_inputs`), it is returned as it is (NaN metrics read back as None)."""
+    inputs = evaluate_inputs(cfg, store, results)
+    key = evaluate_key(inputs)
+    previous = None if force else read_metrics(cfg.output)
+    if (previous is not None and recorded_evaluate(previous).get("key") == key
+            and os.path.isfile(os.path.join(cfg.output, "evaluation.npz"))):
+        return previous
+    fs = open_features(cfg, store)
+    test = fs.read("test")
+    labels = test.require_labels()
+    e = cfg.evaluation
+    metrics: dict[str, Any] = {
+        "dataset": fs.attrs.get("dataset") or (cfg.dataset.name if cfg.dataset else "imported"),
+        "class_counts": [int(c) for c in test.class_counts],
+        "methods": {},
+    }
+    many, medium, few, rule = ev.shot_groups(test.class_counts, many_threshold=e.many_threshold,
+                                             few_threshold=e.few_threshold, split_rule=e.split_rule)
+    details: dict[str, np.ndarray] = {"labels": labels}
+    val = fs.read("val") if "val" in fs.splits else None
+    val_labels = val.labels if val is not None else None
+    label_shift: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}  # diagnostics the methods declare, by metrics.json section
+    train = None
+    groups = use_groups(cfg, test.attributes is not None, f"store {store.url!r}")
+    for r in results:
+        logits = method_logits(cfg, r.key, "test")
+        m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
+                        few_threshold=e.few_threshold, split_rule=e.split_rule, ece_bins=e.ece_bins)
+        m["fit_seconds"] = float(r.fit_seconds)
+        m["classwise_ece"] = ev.classwise_ece(ev.softmax(logits), labels, e.ece_bins)
+        if groups:
+            m |= ev.group_metrics(logits, labels, test.attributes)
+        metrics["methods"][r.name] = m
+        details[f"logits/{r.name}"] = logits
+        method = load_method(cfg, r.key)  # once per method, for its logit prior and diagnostics
+        if e.shift_ratios:
+            val_logits = method_logits(cfg, r.key, "val") if val_labels is not None else None
+            label_shift[r.name] = shifted_evaluation(
+                logits, labels, test.class_counts, method.logit_prior(),
+                val_logits=val_logits, val_labels=val_labels, ratios=e.shift_ratios, seed=cfg.seed)
+        if declares_diagnostics(method):
+            train = train if train is not None else fs.read("train")  # read once for every method
+            for section, payload in method_diagnostics(method, train).items():
+                sections.setdefault(section, {})[r.name] = payload
+    if label_shift:
+        metrics["label_shift"] = label_shift
+    for section, per_method in sections.items():
+        if section in metrics:
+            raise RuntimeError(f"a method's diagnostics section {section!r} clashes with a metrics.json key")
+        metrics[section] = per_method
+    if groups:
+        metrics["groups"] = group_info(test, fs.attrs.get("attribute_names"))
+    metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,
+                            "few_threshold": e.few_threshold}
+    metrics["shot_groups"] = {"rule": rule, "many": [int(i) for i in many],
+                              "medium": [int(i) for i in medium], "few": [int(i) for i in few],
+                              "many_threshold": e.many_threshold, "few_threshold": e.few_threshold}
+    metrics["class_names"] = list(test.class_names)
+    metrics["lineage"] = {"store": store.url, "store_fingerprint": store.fingerprint,
+                          "backbone": fs.attrs.get("backbone"), "seed": cfg.seed,
+                          "artifacts": {r.name: r.key for r in results},
+                          "evaluate": {"key": key, "inputs": inputs}}
+    os.makedirs(cfg.output, exist_ok=True)
+    write_json(os.path.join(cfg.output, "metrics.json"), metrics)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **details)
+    write_bytes(os.path.join(cfg.output, "evaluation.npz"), buf.getvalue())
+    return metrics
+

@@ -1,0 +1,194 @@
+"""DLSA's Gaussian Mixture Flow Filter (paper 004, Sec. 3.3) and its training objective (eq. 11).
+
+A masked autoregressive flow (nflows MAF, ``blocks`` blocks of one hidden layer of ``hidden`` units,
+reversed order between blocks) maps standardised features ``x`` to ``z``; the latent density is a
+``K``-component Gaussian mixture with identity covariances, centres fixed at construction and a
+uniform prior (eq. 2-4). :class:`FlowObjective` is eq. 11, ``L_MLE + lambda_bal L_bal +
+lambda_pure L_pure`` (:mod:`longtail.stages.losses.dlsa`, eq. 5-10), and :func:`train_filter` fits a
+filter with it on the shared loop (:func:`longtail.stages.train.engine.fit_module`): Adam, a cosine
+schedule, instance-sampled batches (eq. 8 needs batches drawn from the data distribution),
+``ceil(batch_size / 2)`` purity pairs per step drawn from the fit's generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longtail.stages.errors import LongtailError
+from longtail.stages.losses.dlsa import (
+    balancedness_loss,
+    batch_cluster_posterior,
+    bias_corrected,
+    gmm_log_likelihood,
+    momentum_update,
+    purity_loss,
+    weighted_mle_loss,
+)
+from longtail.stages.train.data import Batch, TrainData
+from longtail.stages.train.engine import OptimConfig, TrainState, fit_module
+from longtail.stages.train.objective import Objective, StepOutput
+from longtail.stages.train.samplers import Segments
+
+#: rows per chunk when evaluating flows (bounds device memory, not a per-sample loop)
+ROUTE_CHUNK = 16384
+
+
+def build_maf(dim: int, blocks: int, hidden: int) -> nn.Module:
+    """nflows MAF: ``blocks`` x (MaskedAffineAutoregressiveTransform with one hidden layer of
+    ``hidden`` ReLU units), the order reversed between blocks; ``forward(x) -> (z, log|det J|)``.
+
+    Only the forward (density) direction is used: ``x -> z`` is one pass of each MADE.
+    Initialised from torch's global generator: call it under :func:`torch.random.fork_rng` with a
+    seed (as :class:`~longtail.stages.dlsa.cascade.FlowCascade` does).
+    """
+    from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
+
+    layers: list[nn.Module] = []
+    for b in range(int(blocks)):
+        if b:
+            layers.append(ReversePermutation(int(dim)))
+        layers.append(MaskedAffineAutoregressiveTransform(
+            features=int(dim), hidden_features=int(hidden), num_blocks=0, use_residual_blocks=False))
+    return CompositeTransform(layers)
+
+
+class MomentumPosterior:
+    """The state of the momentum estimator of the cluster posterior (Sec. 3.3; supplementary Sec. 2.2).
+
+    ``update(p^_t)`` sets ``p~_t = eta p~_{t-1} + (1 - eta) p^_t`` (``p~_0 = 0``, only ``p^_t``
+    carries a gradient) and returns the bias-corrected ``p~_t / (1 - eta^t)``.
+    """
+
+    def __init__(self, eta: float):
+        self.eta = float(eta)
+        self.reset()
+
+    def reset(self) -> None:
+        self.value: torch.Tensor | float = 0.0
+        self.step = 0
+
+    def update(self, batch_posterior: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        previous = self.value.detach() if isinstance(self.value, torch.Tensor) else self.value
+        self.value = momentum_update(previous, batch_posterior, self.eta)
+        return bias_corrected(self.value, self.eta, self.step)
+
+
+class GaussianMixtureFlowFilter(nn.Module):
+    """One Gaussian Mixture Flow Filter (Sec. 3.3): a MAF and ``K`` fixed centres.
+
+    ``forward(x) -> (z, log_likelihood, log_posterior)`` with shapes ``(N, D)``, ``(N,)``, ``(N, K)``
+    (eq. 4-5). The state of the balancedness loss's momentum estimator lives in :attr:`momentum`
+    (reset when a fit starts, :meth:`FlowObjective.on_fit_start`).
+    """
+
+    def __init__(self, dim: int, num_clusters: int, blocks: int, hidden: int, eta: float = 0.7):
+        super().__init__()
+        self.flow = build_maf(dim, blocks, hidden)
+        self.register_buffer("centres", torch.zeros(int(num_clusters), int(dim)))
+        self.momentum = MomentumPosterior(eta)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, logabsdet = self.flow(x)
+        log_lik, log_post = gmm_log_likelihood(z, logabsdet, self.centres)
+        return z, log_lik, log_post
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, chunk: int = ROUTE_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, log_likelihood, cluster)`` of every row of ``x``, in chunks of rows, in eval mode.
+
+        ``cluster`` is ``k^ = argmax_k P(k | x)`` (eq. 4), int64.
+        """
+        zs, lls, ks = [], [], []
+        for start in range(0, x.shape[0], chunk):
+            z, ll, lp = self(x[start:start + chunk])
+            zs.append(z)
+            lls.append(ll)
+            ks.append(lp.argmax(1))
+        if not zs:  # no row: empty results of the right shapes
+            d = self.centres.shape[1]
+            return x.new_zeros((0, d)), x.new_zeros((0,)), torch.zeros(0, dtype=torch.long, device=x.device)
+        return torch.cat(zs), torch.cat(lls), torch.cat(ks)
+
+
+class PairSampler:
+    """Pairs of samples of two different classes, classes drawn with equal probability (eq. 10).
+
+    Each pair draws an ordered pair of distinct classes uniformly among the classes present in
+    ``labels`` (the first uniformly, the second uniformly among the others), then one sample of each
+    class uniformly (:class:`~longtail.stages.train.samplers.Segments`). On the generator's device.
+    """
+
+    def __init__(self, labels: torch.Tensor):
+        self.segments = Segments(labels)  # the present classes, sorted
+        self.num_classes = int(self.segments.keys.numel())
+
+    def __call__(self, num_pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(i, j)``: ``(P,)`` sample indices with ``labels[i] != labels[j]``; needs two classes."""
+        if self.num_classes < 2:
+            raise LongtailError("purity pairs need samples of at least two classes")
+        dev = generator.device
+        a = torch.randint(self.num_classes, (num_pairs,), generator=generator, device=dev)
+        b = torch.randint(self.num_classes - 1, (num_pairs,), generator=generator, device=dev)
+        b = b + (b >= a).long()  # uniform over the classes other than a
+        return self.segments.member(a, generator), self.segments.member(b, generator)
+
+
+class FlowObjective(Objective):
+    """Eq. 11 on one batch: ``L_MLE + lambda_bal L_bal + lambda_pure L_pure``.
+
+    ``mle`` (eq. 7, the batch mean of the weighted log-likelihoods), ``bal`` (eq. 9 on the
+    bias-corrected momentum estimate of eq. 8; it advances the filter's :attr:`momentum`) and
+    ``pure`` (eq. 10 on ``ceil(B / 2)`` pairs of samples of two different classes) are the step's
+    ``terms``. A term whose weight is 0 is not computed (the momentum estimator does not move), but
+    the pairs are drawn whenever two classes reach the filter (indices only, no forward pass), so
+    that an ablation sees the same batches as the full model.
+
+    Args:
+        class_weights: ``(C,)`` the MLE class weights (eq. 6) of the samples the filter is fitted on.
+        lambda_bal, lambda_pure: the weights of eq. 11.
+    """
+
+    def __init__(self, class_weights: torch.Tensor, lambda_bal: float, lambda_pure: float):
+        self.class_weights = class_weights
+        self.lambda_bal = float(lambda_bal)
+        self.lambda_pure = float(lambda_pure)
+        self.pairs: PairSampler | None = None
+
+    def on_fit_start(self, state: TrainState) -> None:
+        state.module.momentum.reset()
+        pairs = PairSampler(state.data.y)
+        self.pairs = pairs if pairs.num_classes >= 2 else None  # one class reaches the filter: no pairs
+
+    def loss(self, module: GaussianMixtureFlowFilter, batch: Batch, state: TrainState) -> StepOutput:
+        pair = None
+        if self.pairs is not None:
+            i, j = self.pairs((int(batch.rows.numel()) + 1) // 2, state.generator)
+            if self.lambda_pure > 0:
+                pair = state.data.x[i], state.data.x[j]
+        _, log_lik, log_post = module(batch.x)
+        terms = {"mle": weighted_mle_loss(log_lik, batch.y, self.class_weights, reduction="mean")}
+        total = terms["mle"]
+        if self.lambda_bal > 0:
+            terms["bal"] = balancedness_loss(module.momentum.update(batch_cluster_posterior(log_post)))
+            total = total + self.lambda_bal * terms["bal"].to(total.dtype)
+        if pair is not None:
+            _, _, lp = module(torch.cat(pair))
+            terms["pure"] = purity_loss(lp[: len(pair[0])], lp[len(pair[0]):])
+            total = total + self.lambda_pure * terms["pure"]
+        return StepOutput(total, terms=terms)
+
+
+def train_filter(filt: GaussianMixtureFlowFilter, x: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor, *,
+                 epochs: int, lr: float, batch_size: int, lambda_bal: float, lambda_pure: float,
+                 generator: torch.Generator, desc: str = "dlsa filter") -> list[dict[str, float]]:
+    """Fit a filter on ``(x, y)`` (on the generator's device) with eq. 11 on the shared loop: Adam
+    (no weight decay) with a per-step cosine schedule from ``lr`` to 0, a permutation of the rows per
+    epoch; a non-finite loss raises a :class:`LongtailError` asking to lower ``flow_lr``. Returns the
+    mean ``total`` loss and terms of every epoch."""
+    config = OptimConfig(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), weight_decay=0.0,
+                         optimizer="adam", lr_name="flow_lr")
+    state = fit_module(filt, TrainData(x, y), FlowObjective(class_weights, lambda_bal, lambda_pure), config,
+                       generator=generator, desc=desc)
+    return [{"total": h["loss"], **{k: v for k, v in h.items() if k != "loss"}} for h in state.history]
