@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from longtail.pipeline.io import atomic_write
+from longtail.stages.errors import LongtailError
 from longtail.stages.evaluate import expected_calibration_error, reliability_bins, shot_groups
 
 __all__ = ["plot_dlsa", "plot_group_accuracy", "plot_per_class_accuracy", "plot_reliability", "plot_confusion"]

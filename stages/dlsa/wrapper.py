@@ -143,9 +143,13 @@ class DLSA(Wrapper):
         return self
 
     def diagnostics(self, train: FeatureSet) -> dict[str, Any]:
-        """``{"dlsa": diagnostics of this wrapper's cascade with its tail_threshold}``."""
-        self._check_fitted()
-        return {"dlsa": diagnostics(self.cascade_, train, self.tail_threshold)}
+        """``{"dlsa": diagnostics of this wrapper's cascade with its tail_threshold}``: the cascade
+        it was fitted with, or before any fit the one attached by :meth:`set_cascade` (all that the
+        diagnostics need; no classifier is trained)."""
+        cascade = getattr(self, "cascade_", None) or getattr(self, "_cascade", None)
+        if cascade is None:
+            self._check_fitted()  # the one-line "not fitted yet" error
+        return {"dlsa": diagnostics(cascade, train, self.tail_threshold)}
 
     def logit_prior(self) -> np.ndarray:
         """The head's: every cluster-aided classifier is trained with its loss and the global counts."""

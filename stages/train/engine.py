@@ -18,8 +18,7 @@ mode and frozen parameters at the end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -29,23 +28,7 @@ from longtail.stages.errors import LongtailError
 from longtail.stages.train.data import Batch, TrainData
 from longtail.stages.train.objective import Objective, StepOutput
 from longtail.stages.train.samplers import InstanceSampler
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser settings of one fit. ``lr_name`` is how the user knows the learning rate (the
-    parameter an error message asks to lower: ``lr``, ``flow_lr``)."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    weight_decay: float = 0.0
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = 0.9
-    lr_name: str = "lr"
-
-    def steps_per_epoch(self, n: int) -> int:
-        return math.ceil(n / self.batch_size)  # guarded: batch_size >= 1 (checked by the method)
+from longtail.stages.train.state import OptimConfig, TrainState
 
 
 #: optimiser name -> factory of ``(param groups, config)``
@@ -58,30 +41,6 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 class Sampler(Protocol):
     def epoch_order(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``(M,)`` row indices one epoch visits, in order."""
-
-
-@dataclass
-class TrainState:
-    """The state of one fit, handed to the objective's hooks and the step rule."""
-
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    data: TrainData
-    config: OptimConfig
-    desc: str = "head"
-    epoch: int = 0
-    step: int = 0
-    #: mean loss and terms of every finished epoch
-    history: list[dict[str, float]] = field(default_factory=list)
-    #: per-row buffers owned by the objective (e.g. each row's last prediction)
-    records: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def lr(self) -> float:
-        """The learning rate of the current step (the schedule's value)."""
-        return float(self.optimizer.param_groups[0]["lr"])
 
 
 class StepRule(Protocol):

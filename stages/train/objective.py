@@ -8,15 +8,13 @@ end (in that order, :func:`longtail.stages.train.engine.fit_module`) and may kee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from longtail.stages.train.data import Batch
-
-if TYPE_CHECKING:  # (type names only)
-    from longtail.stages.train.engine import TrainState
+from longtail.stages.train.state import TrainState
 
 
 @dataclass
@@ -34,19 +32,19 @@ class StepOutput:
 class Objective:
     """The training objective of one fit, with optional hooks (all no-ops by default)."""
 
-    def loss(self, module: nn.Module, batch: Batch, state: "TrainState") -> StepOutput:
+    def loss(self, module: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
         raise NotImplementedError
 
-    def on_fit_start(self, state: "TrainState") -> None:
+    def on_fit_start(self, state: TrainState) -> None:
         """Before the first epoch (reset running statistics, allocate ``state.records``)."""
 
-    def on_epoch_start(self, state: "TrainState") -> None:
+    def on_epoch_start(self, state: TrainState) -> None:
         """Before the epoch's rows are drawn (``state.epoch`` is the new epoch)."""
 
-    def on_batch_end(self, state: "TrainState", batch: Batch, out: StepOutput) -> None:
+    def on_batch_end(self, state: TrainState, batch: Batch, out: StepOutput) -> None:
         """After the optimiser step of ``batch`` (record per-row state from ``out``)."""
 
-    def on_epoch_end(self, state: "TrainState", means: dict[str, float]) -> None:
+    def on_epoch_end(self, state: TrainState, means: dict[str, float]) -> None:
         """After the epoch, with the epoch's mean ``loss`` and terms (already checked finite)."""
 
 
@@ -63,7 +61,7 @@ class LossObjective(Objective):
         self.stats = stats
         self.epoch_stats = epoch_stats
 
-    def loss(self, module: nn.Module, batch: Batch, state: "TrainState") -> StepOutput:
+    def loss(self, module: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
         z = module(batch.x)
         extra = self.epoch_stats(batch.epoch) if self.epoch_stats is not None else {}
         return StepOutput(self.fn(z, batch.y, **self.stats, **extra), logits=z)

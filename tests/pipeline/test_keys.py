@@ -32,7 +32,7 @@ def test_the_copy_hashes_like_the_tree(tree):
     assert keys.code_version(["longtail.pipeline.evaluate"], roots) == evaluate_code_version()
 
 
-@pytest.mark.parametrize("name, module", [("tau-norm", "evaluate.py"),     # tau is chosen with per_class_accuracy
+@pytest.mark.parametrize("name, module", [("tau-norm", "evaluate/classification.py"),     # tau is chosen with per_class_accuracy
                                           ("logit-adjust", "calibrate.py"),  # prior_from_log
                                           ("ce+pc", "calibrate.py"),
                                           ("ce", "losses/classic.py")])

@@ -202,8 +202,9 @@ def test_a_given_table_is_used_instead_of_building_one(train, test_x, monkeypatc
     monkeypatch.setattr(cala_module, "build_table", _no_build)
     given = make_method("heuristic-cala", {**FAST, "k": 5}).set_table(table).fit(train)
     np.testing.assert_array_equal(given.logits(test_x), own.logits(test_x))
-    assert make_method("heuristic-cala", {**FAST, "k": 5}).table_params() == {
-        "k": 5, "metric": "cosine", "index": "flat", "device": "cpu"}
+    (req,) = make_method("heuristic-cala", {**FAST, "k": 5}).requirements()
+    assert (req.kind, dict(req.params)) == ("neighbours", {"k": 5, "metric": "cosine", "index": "flat",
+                                                          "device": "cpu"})
     # the neighbourhood term matters: another table, other logits
     rng = np.random.default_rng(0)
     shuffled = NeighbourTable(rng.permutation(table.indices), table.similarities, 9)

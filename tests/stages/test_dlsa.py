@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import longtail.stages.dlsa as dlsa
+import longtail.stages.dlsa.flow as flow
+import longtail.stages.dlsa.wrapper as wrapper
 from longtail.stages.registry import make_method
 from longtail.stages.data import FeatureSet
 from longtail.stages.dlsa import (
@@ -352,10 +353,12 @@ def test_dlsa_is_registered_as_a_prefix_for_every_head():
 def test_one_cascade_serves_several_heads_with_identical_routing(data, cascade, monkeypatch):
     train, xt, _ = data
     seen, epochs = [], []
-    original_loss, original_train = BalancedSoftmaxHead._loss_fn, dlsa.train_module
-    monkeypatch.setattr(BalancedSoftmaxHead, "_loss_fn",
-                        lambda self, counts, device: seen.append(np.array(counts)) or original_loss(self, counts, device))
-    monkeypatch.setattr(dlsa, "train_module", lambda *a, **k: epochs.append(k["epochs"]) or original_train(*a, **k))
+    original_objective, original_fit = BalancedSoftmaxHead.objective, wrapper.fit_module
+    monkeypatch.setattr(BalancedSoftmaxHead, "objective",
+                        lambda self, ctx: seen.append(np.array(ctx.class_counts)) or original_objective(self, ctx))
+    monkeypatch.setattr(wrapper, "fit_module",
+                        lambda module, data, objective, config, **k: epochs.append(config.epochs)
+                        or original_fit(module, data, objective, config, **k))
     fitted = []
     for name in ("dlsa+ce", "dlsa+balanced-softmax", "dlsa+crt"):
         method = make_method(name, {**HEAD, "dlsa": TINY}).set_cascade(cascade).fit(train)
@@ -495,8 +498,8 @@ def test_constant_feature_dimensions_are_left_out_of_the_flows(data):
 
 
 def test_a_non_finite_flow_loss_stops_training_with_a_clear_error(data, monkeypatch):
-    monkeypatch.setattr(dlsa, "weighted_mle_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(LongtailError, match=r"dlsa filter 1/3: the flow loss became nan at epoch 1.*lower flow_lr"):
+    monkeypatch.setattr(flow, "weighted_mle_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(LongtailError, match=r"dlsa filter 1/3: the training loss became nan at epoch 1.*lower flow_lr"):
         FlowCascade(**TINY).fit(data[0])
 
 
@@ -504,5 +507,5 @@ def test_a_base_that_is_not_a_head_is_rejected(data):
     method = make_method("dlsa+ce+pc", {**HEAD, "dlsa": TINY})  # pc wraps dlsa, dlsa wraps ce: fine
     assert isinstance(method.base, DLSA)
     outer = DLSA(make_method("ce+pc", HEAD), **TINY)
-    with pytest.raises(LongtailError, match="dlsa wraps a head"):
+    with pytest.raises(LongtailError, match="dlsa wraps a trained head"):
         outer.fit(data[0])

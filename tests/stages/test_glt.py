@@ -163,7 +163,7 @@ def test_group_metrics_bad_attributes():
 
 
 def test_group_accuracy_plot(tmp_path):
-    from longtail.stages.report import plot_group_accuracy
+    from longtail.pipeline.report.plots import plot_group_accuracy
 
     table = [[1.0, None], [0.25, 0.5]]  # as metrics.json holds it, null for an empty group
     path = plot_group_accuracy(table, ["a", "b"], ["x", "y"], "ce", tmp_path / "g.png")
