@@ -19,6 +19,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -96,10 +97,25 @@ def _resolve(name: str, roots: Mapping[str, Path]) -> Path | None:
     return None
 
 
-def _imported(path: Path, module: str) -> Iterable[str]:
+#: CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch" when
+#: threads parse at once, as the threads task runner's method tasks do): one parse at a time, and
+#: each source parsed once per process (keyed by its bytes, so an edited file is parsed again)
+_PARSE_LOCK = threading.Lock()
+_PARSED: dict[tuple[str, str, bytes], tuple[str, ...]] = {}
+
+
+def _imported(path: Path, module: str) -> tuple[str, ...]:
     """Every module name ``path`` imports, anywhere in it (relative imports resolved); for ``from
     A import b`` both ``A`` and ``A.b`` (which of them is a module is decided by resolving)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    source = path.read_bytes()
+    key = (str(path), module, hashlib.blake2b(source, digest_size=16).digest())
+    with _PARSE_LOCK:
+        if key not in _PARSED:
+            _PARSED[key] = tuple(_imports_of(ast.parse(source, str(path)), path, module))
+        return _PARSED[key]
+
+
+def _imports_of(tree: ast.AST, path: Path, module: str) -> Iterable[str]:
     pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

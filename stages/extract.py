@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,9 +30,6 @@ from tqdm.auto import tqdm
 
 from longtail.stages.device import resolve_device
 from longtail.stages.errors import LongtailError
-from longtail.stages.train.data import Batch, TrainData
-from longtail.stages.train.engine import OptimConfig, TrainState, fit_module
-from longtail.stages.train.objective import Objective, StepOutput
 
 
 class SmallCNN(nn.Module):
@@ -55,20 +51,6 @@ class SmallCNN(nn.Module):
         )
         self.classifier = nn.Linear(4 * width, num_classes)
         self.feature_dim = 4 * width
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default initialisation, drawn from ``generator``: convolution and linear
-        weights (and the linear bias) uniform in ``+-1/sqrt(fan_in)`` (``kaiming_uniform_`` with
-        ``a = sqrt(5)``), batch norms at weight 1, bias 0 and fresh running statistics."""
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    bound = 1.0 / math.sqrt(m.weight[0].numel())  # fan_in >= 1
-                    m.weight.uniform_(-bound, bound, generator=generator)
-                    if m.bias is not None:
-                        m.bias.uniform_(-bound, bound, generator=generator)
-                elif isinstance(m, nn.BatchNorm2d):
-                    m.reset_parameters()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -187,50 +169,45 @@ def train_small_cnn(
 ) -> Backbone:
     """Stage 1: train :class:`SmallCNN` with plain cross-entropy and instance-balanced sampling.
 
-    On the one training loop (:func:`~longtail.stages.train.engine.fit_module`): SGD with momentum
-    0.9 and a per-step cosine schedule, one device sync per epoch; a one-pixel random shift of each
-    batch as augmentation (:class:`ShiftObjective`). Every draw comes from generators seeded with
-    ``seed``: the initialisation and the epochs' row orders from one on the device, the shifts from
-    one on the CPU (drawn for the whole fit at its start, so reading them syncs nothing). The
-    returned backbone's forward gives the pooled features (before the classifier).
+    SGD with Nesterov momentum 0.9 and a one-cycle schedule; a one-pixel random shift of each batch
+    as augmentation. This loop is its own, not :func:`~longtail.stages.train.engine.fit_module`:
+    the stores already made were extracted with it, and its draws (one CPU generator for the row
+    orders and the shifts, interleaved batch by batch; the global generator, seeded, for the
+    initialisation, whose state is restored afterwards) and schedule are what make the same seed give the same features. The returned
+    backbone's forward gives the pooled features (before the classifier).
     """
     dev = resolve_device(device)
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(int(seed))
-    with torch.random.fork_rng(devices=[]):  # the layers' default initialisation draws globally
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the default initialisation draws from the global
+        torch.default_generator.manual_seed(seed)  # CPU generator: seeded here, restored after
         model = SmallCNN(num_classes, in_channels=images.shape[1], width=width)
     model = model.to(dev)
-    model.reset_parameters(generator)
-    data = TrainData(torch.as_tensor(images, dtype=torch.float32, device=dev),
-                     torch.as_tensor(labels, dtype=torch.long, device=dev))
-    config = OptimConfig(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
-                         weight_decay=float(weight_decay))
-    objective = ShiftObjective(torch.Generator().manual_seed(int(seed)))
-    state = fit_module(model, data, objective, config, generator=generator, desc="stage 1: train small-cnn")
-    log = [{"epoch": epoch, "loss": means["loss"]} for epoch, means in enumerate(state.history)]
+    x = torch.as_tensor(images, dtype=torch.float32, device=dev)
+    y = torch.as_tensor(labels, dtype=torch.long, device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    steps_per_epoch = max(1, -(-len(y) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    log = []
+    model.train()
+    for epoch in tqdm(range(epochs), desc="stage 1: train small-cnn", unit="epoch", disable=None, leave=False):
+        perm = torch.randperm(len(y), generator=gen).to(dev)
+        total = torch.zeros((), device=dev)
+        for start in range(0, len(y), batch_size):
+            idx = perm[start:start + batch_size]
+            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
+            loss = nn.functional.cross_entropy(model(shift_images(x[idx], dx, dy)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(idx)
+        log.append({"epoch": epoch, "loss": float(total) / len(y)})  # one device sync per epoch
+    model.eval()
     weights_hash = hash_state(model)
     model = model.cpu()
     identity = {"kind": "builtin", "name": "small-cnn", "width": width, "epochs": epochs, "lr": lr,
                 "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed}
     return Backbone(FeaturesOf(model, None, "features"), identity, weights_hash, log)
-
-
-class ShiftObjective(Objective):
-    """Cross-entropy on the batch shifted by up to one pixel in each direction (zero padding), one
-    shift per batch, drawn for every step of the fit at its start from ``generator`` (CPU)."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-        self.shifts: list[list[int]] = []
-
-    def on_fit_start(self, state: TrainState) -> None:
-        steps = int(state.config.epochs) * state.config.steps_per_epoch(len(state.data))
-        self.shifts = torch.randint(-1, 2, (steps, 2), generator=self.generator).tolist()
-
-    def loss(self, module: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
-        dx, dy = self.shifts[batch.step]
-        z = module(shift_images(batch.x, dx, dy))
-        return StepOutput(nn.functional.cross_entropy(z, batch.y), logits=z)
 
 
 def shift_images(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:

@@ -87,3 +87,17 @@ def test_closure_follows_function_local_and_relative_imports_inside_a_users_pack
     before = keys.code_version(["closurepkg.main"])
     (pkg / "sub" / "helper.py").write_text("X = 2\n")
     assert keys.code_version(["closurepkg.main"]) != before
+
+
+def test_code_versions_computed_from_many_threads_at_once_agree():
+    """The threads task runner computes method keys concurrently; CPython 3.11's parser is not
+    thread-safe, so keys parses one source at a time (and each once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from longtail.pipeline.keys import code_version
+
+    mods = ["longtail.stages.cala", "longtail.stages.dlsa.wrapper", "longtail.stages.lade",
+            "longtail.pipeline.evaluate"] * 8
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda m: code_version([m]), mods))
+    assert got == [code_version([m]) for m in mods]

@@ -71,3 +71,20 @@ def test_logits_are_bit_identical_to_the_pre_engine_trainers(name):
         torch.set_num_threads(threads)
     got = hashlib.blake2b(np.ascontiguousarray(z, dtype=np.float32).tobytes(), digest_size=8).hexdigest()
     assert got == GOLDEN[name]
+
+
+def test_the_stage_1_cnn_trains_to_the_weights_of_the_pre_engine_code():
+    """The builtin backbone keeps its own loop (draw order and one-cycle schedule of the stores
+    already made): the same seed gives the same weights, hence the same features and store key."""
+    from longtail.stages.extract import train_small_cnn
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(150, 1, 8, 8)).astype(np.float32)
+    labels = np.repeat(np.arange(5), (60, 40, 25, 15, 10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backbone = train_small_cnn(images, labels, 5, epochs=3, batch_size=32, width=8, seed=4, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert backbone.weights_hash == "9000b72c377983fb9c0f5967f3cee3f8"
