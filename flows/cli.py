@@ -246,13 +246,15 @@ def calibrate(
     method: str = typer.Option("em", "--method", help="Prior estimator: em (Saerens et al.) or bbse (Lipton et al.)."),
     split: str = typer.Option("test", "--split", help="Split of the target store to estimate the prior of."),
     out: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (default: the config's output)."),
+    calibration: str = typer.Option("bcts", "--calibration",
+                                    help="Calibration of the posteriors before EM: bcts (on the val split) or none."),
 ) -> None:
     """Estimate the deployment label prior from unlabelled features and post-compensate every method."""
     from longtail.pipeline.config import load_config
     from longtail.pipeline.deploy_prior import run_calibrate
 
     cfg = load_config(config)
-    res = run_calibrate(cfg, target, how=method, split=split, out_dir=out)
+    res = run_calibrate(cfg, target, how=method, split=split, out_dir=out, calibration=calibration)
     _echo_table([("method", 22), ("as is", 9), ("estimated", 11), ("true", 9)],
                 [[name, _pct(m["accuracy_uncompensated"]), _pct(m["accuracy_estimated_prior"]),
                   _pct(m["accuracy_true_prior"])] for name, m in res["methods"].items()])

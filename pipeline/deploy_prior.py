@@ -16,7 +16,7 @@ from longtail.pipeline.methods import load_method, method_logits, split_logits, 
 from longtail.stages.calibrate import post_compensate
 from longtail.stages.errors import LongtailError
 from longtail.stages.evaluate import accuracy
-from longtail.stages.label_shift import estimate_prior, positive_prior, total_variation
+from longtail.stages.label_shift import BCTSCalibration, estimate_prior, positive_prior, total_variation
 from longtail.stages.priors import ESTIMATORS
 from longtail.storage.featurestore import open_store
 
@@ -30,10 +30,18 @@ def _same_backbone(source, target) -> bool:
     return source.backbone_hash == target.backbone_hash
 
 
+#: the calibrations EM can run on (``--calibration``)
+CALIBRATIONS = ("bcts", "none")
+
+
 def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str = "test",
-                  out_dir: str | None = None) -> dict:
+                  out_dir: str | None = None, calibration: str = "bcts") -> dict:
     """Estimate the deployment label prior of ``target_url``'s ``split`` from its features and
     post-compensate every configured method to it; write ``OUT/calibration.json``.
+
+    EM runs by default on posteriors calibrated by BCTS on the source store's val split
+    (:mod:`stages.bcts`; ``calibration="none"``: on the method's posteriors as they are), and each
+    method is then post-compensated from the prior its (calibrated) logits carry to the estimate.
 
     ``estimated_prior`` is the estimate of the first configured method (``estimated_priors`` has
     each method's own); each method's ``accuracy_estimated_prior`` uses its own estimate. Accuracies
@@ -41,6 +49,9 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     """
     if how not in ESTIMATORS:
         raise LongtailError(f"--method {how!r}: use one of {', '.join(ESTIMATORS)}")
+    if calibration not in CALIBRATIONS:
+        raise LongtailError(f"--calibration {calibration!r}: use one of {', '.join(CALIBRATIONS)}")
+    calibrated = how == "em" and calibration == "bcts"
     out_dir = out_dir or cfg.output
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise LongtailError(f"--out {out_dir!r} exists and is not a directory")
@@ -63,6 +74,9 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     target_labels = None if labels is None else np.concatenate(labels)
     if how == "bbse" and "val" not in src.splits:
         raise LongtailError(f"--method bbse needs a labelled val split in {cfg.store!r}")
+    if calibrated and "val" not in src.splits:
+        raise LongtailError(f"--calibration bcts (the default for EM) is fitted on a labelled val split, and "
+                            f"{cfg.store!r} has none: give it one, or pass --calibration none")
     val = src.read("val") if "val" in src.splits else None
     results = run_methods(cfg, source)
     true_prior = None
@@ -73,7 +87,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     def acc(z):
         return None if target_labels is None else accuracy(z, target_labels)
 
-    out: dict[str, Any] = {"method": how, "split": split, "estimated_prior": None, "methods": {},
+    out: dict[str, Any] = {"method": how, "calibration": calibration if how == "em" else "none", "split": split, "estimated_prior": None, "methods": {},
                            "estimated_priors": {}, "target": target_url}
     if true_prior is not None:
         out["true_prior"] = true_prior.tolist()
@@ -83,9 +97,12 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
         logits = split_logits(method, tgt, split)
         lp = method.logit_prior()
         val_logits = method_logits(cfg, r.key, "val") if val is not None else None
-        est = estimate_prior(how, logits, lp, val_logits, None if val is None else val.labels)
+        bcts = BCTSCalibration(val_logits, val.labels) if calibrated else None
+        est = estimate_prior(how, logits, lp, val_logits, None if val is None else val.labels, calibration=bcts)
+        compensated = (post_compensate(logits, lp, positive_prior(est)) if bcts is None
+                       else post_compensate(bcts(logits), bcts.prior, positive_prior(est)))
         entry = {"accuracy_uncompensated": acc(logits),
-                 "accuracy_estimated_prior": acc(post_compensate(logits, lp, positive_prior(est))),
+                 "accuracy_estimated_prior": acc(compensated),
                  "accuracy_true_prior": None if true_prior is None else acc(post_compensate(logits, lp, positive_prior(true_prior)))}
         out["methods"][r.name] = entry
         out["estimated_priors"][r.name] = est.tolist()

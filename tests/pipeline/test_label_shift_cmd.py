@@ -20,10 +20,10 @@ def test_metrics_hold_shifted_test_sets(imported_run):
     # ce post-compensated to the (uniform) true prior is exactly ce+pc
     assert ce["uniform"]["accuracy_true_prior"] == pytest.approx(pc["uniform"]["accuracy"])
     for row in ce.values():
-        assert 0 <= row["em_error"] <= 1 and 0 <= row["bbse_error"] <= 1
+        assert 0 <= row["em_error"] <= 1 and 0 <= row["bbse_error"] <= 1 and 0 <= row["em_bcts_error"] <= 1
     report = (imported_run["out"] / "report.md").read_text()
     assert "## Shifted test label distributions" in report and "## Calibration" in report
-    assert "ce + PC (EM prior)" in report
+    assert "ce + PC (EM prior)" in report and "ce: EM after BCTS" in report
 
 
 def test_calibrate_writes_the_contract(imported_run, tmp_path):
@@ -32,7 +32,7 @@ def test_calibrate_writes_the_contract(imported_run, tmp_path):
                "--method", "em", "--out", out)
     assert r.exit_code == 0, r.output
     cal = json.loads((out / "calibration.json").read_text())
-    assert cal["method"] == "em" and cal["split"] == "test"
+    assert cal["method"] == "em" and cal["split"] == "test" and cal["calibration"] == "bcts"
     assert cal["true_prior"] == pytest.approx([0.25] * 4)
     assert len(cal["estimated_prior"]) == 4 and sum(cal["estimated_prior"]) == pytest.approx(1)
     assert set(cal["methods"]) == {"ce", "ce+pc"}
@@ -59,7 +59,23 @@ def test_calibrate_bad_input(imported_run, tmp_path, feature_files):
                              "--out", out), "'mle'")
     assert_user_error(invoke("calibrate", "--config", cfg, "--target", tmp_path / "nowhere.zarr", "--out", out),
                       "nowhere.zarr")
+    assert_user_error(invoke("calibrate", "--config", cfg, "--target", imported_run["store"], "--calibration", "platt",
+                             "--out", out), "--calibration 'platt'")
     assert not out.exists()
+
+
+def test_calibrate_without_val_needs_calibration_none(tmp_path, feature_files, write_config):
+    store = tmp_path / "noval.zarr"
+    r = invoke("import-features", "--train", feature_files["train"], "--test", feature_files["test"], "--out", store)
+    assert r.exit_code == 0, r.output
+    cfg = write_config({"store": str(store), "output": str(tmp_path / "o"),
+                        "methods": [{"name": "ce", "params": {"epochs": 3}}]})
+    out = tmp_path / "cal"
+    assert_user_error(invoke("calibrate", "--config", cfg, "--target", store, "--out", out), "--calibration none")
+    assert not out.exists() and not (tmp_path / "o").exists()  # refused before any fit
+    r = invoke("calibrate", "--config", cfg, "--target", store, "--calibration", "none", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "calibration.json").read_text())["calibration"] == "none"
 
 
 def test_calibrate_on_an_unlabelled_deployment_split(tmp_path, feature_files, write_config):

@@ -30,7 +30,7 @@ def _params(name: str) -> dict:
     return params
 
 
-ALL = known_methods() + ["ce+pc", "ce+ts", "dlsa+ce"]
+ALL = known_methods() + ["ce+pc", "ce+ts", "ce+bcts", "dlsa+ce"]
 
 
 def _data(counts=(60, 30, 12, 6), seed=0, labels_of=None):
