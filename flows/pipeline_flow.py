@@ -23,7 +23,8 @@ from longtail.pipeline.methods import MethodResult, run_method, validate_methods
 from longtail.pipeline.plan import RequirementRef, method_plan, run_requirement_ref
 from longtail.pipeline.report.build import render_report
 from longtail.pipeline.requirements import RequirementResult
-from longtail.pipeline.stores import StoreInfo
+from longtail.pipeline.select import check_selections
+from longtail.pipeline.stores import StoreInfo, open_features
 
 
 @task(name="extract", cache_policy=NO_CACHE)
@@ -31,13 +32,13 @@ def extract_task(cfg: RunConfig) -> StoreInfo:
     return run_extract(cfg)
 
 
-@task(name="requirement", cache_policy=NO_CACHE, task_run_name="{ref.kind}:{ref.spec.name}")
+@task(name="requirement", cache_policy=NO_CACHE, task_run_name="{ref.kind}:{ref.spec.label}")
 def requirement_task(cfg: RunConfig, ref: RequirementRef, store: StoreInfo) -> RequirementResult:
     """One shared artifact (a neighbour table, a DLSA cascade, ...), built once for every method that declares it."""
     return run_requirement_ref(cfg, ref, store)
 
 
-@task(name="method", cache_policy=NO_CACHE, task_run_name="method:{spec.name}")
+@task(name="method", cache_policy=NO_CACHE, task_run_name="method:{spec.label}")
 def method_task(cfg: RunConfig, spec: MethodSpec, store: StoreInfo) -> MethodResult:
     return run_method(cfg, spec, store)
 
@@ -56,16 +57,17 @@ def report_task(cfg: RunConfig, metrics: dict) -> tuple[str, str]:
 def stages_flow(cfg: RunConfig) -> dict:
     """The stage graph of one validated config, on the task runner given by ``with_options``."""
     store = extract_task(cfg)
+    check_selections(cfg, open_features(cfg, store).splits)  # before any fit
     plan = method_plan(cfg)
     # each shared artifact once, before the methods that declare it
     built = {ref.ident: requirement_task.submit(cfg, ref, store) for ref in plan.requirements}
-    head_futures = [method_task.submit(cfg, s, store, wait_for=[built[i] for i in plan.needs[s.name]])
+    head_futures = [method_task.submit(cfg, s, store, wait_for=[built[i] for i in plan.needs[s.label]])
                     for s in plan.heads]
     # wrapped methods reuse cached fits (their inner method's, the artifacts'), so they wait for all of it
     wrap_futures = [method_task.submit(cfg, s, store, wait_for=head_futures + list(built.values()))
                     for s in plan.wrapped]
     by_name = {r.name: r for r in (f.result() for f in head_futures + wrap_futures)}
-    results = [by_name[s.name] for s in cfg.methods]
+    results = [by_name[s.label] for s in cfg.methods]
     metrics = evaluate_task(cfg, store, results)
     report_task(cfg, metrics)
     return metrics

@@ -20,6 +20,8 @@ An unknown key anywhere is an error that names the key.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from typing import Any, Literal, Union
 
@@ -130,15 +132,55 @@ class RunnerConfig(_Strict):
 class MethodSpec(_Strict):
     """One configured method: its name (the registry's grammar, ``ce``, ``ce+pc``, ``dlsa+ce``), its
     parameters, and for a user's own method the class its base part is built from,
-    ``target: package.module:Class`` (a :class:`stages.base.Method` subclass, importable)."""
+    ``target: package.module:Class`` (a :class:`stages.base.Method` subclass, importable).
+
+    ``label`` names it in ``metrics.json``, the report and ``stage`` (default: its name), so one
+    method can be listed twice with other parameters. ``select_for`` marks a member of a
+    val-selected sweep (see :func:`expand_grids`): the label of the entry it competes for."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     target: str | None = None
+    label: str = ""
+    select_for: str | None = None
 
-    @property
-    def label(self) -> str:
-        return self.name
+    @model_validator(mode="before")
+    @classmethod
+    def _default_label(cls, v: Any) -> Any:
+        if isinstance(v, dict) and not v.get("label") and isinstance(v.get("name"), str):
+            return {**v, "label": v["name"]}
+        return v
+
+
+def _grid_value(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+
+
+def expand_grids(entries: list[Any]) -> list[Any]:
+    """Method entries with a ``grid`` (``{param: [values]}``) replaced by one member per combination:
+    label ``LABEL[p=v,...]``, the combination's values over ``params``, ``select_for: LABEL``. Each
+    member is a method of its own (own cached fit); evaluation keeps, under ``LABEL``, the member with
+    the best balanced accuracy on the **val** split (:mod:`pipeline.select`)."""
+    out: list[Any] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "grid" not in entry:
+            out.append(entry)
+            continue
+        label = entry.get("label") or entry.get("name")
+        grid = entry["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"{label}: grid must be a non-empty mapping of parameter names to lists of values")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{label}: grid.{key} must be a non-empty list of values")
+            if isinstance(entry.get("params"), dict) and key in entry["params"]:
+                raise ValueError(f"{label}: {key!r} is both in params and in grid")
+        base = {k: v for k, v in entry.items() if k != "grid"}
+        for combo in itertools.product(*grid.values()):
+            chosen = dict(zip(grid, combo))
+            out.append({**base, "params": {**(base.get("params") or {}), **chosen}, "select_for": label,
+                        "label": f"{label}[" + ",".join(f"{k}={_grid_value(v)}" for k, v in chosen.items()) + "]"})
+    return out
 
 
 class RunConfig(_Strict):
@@ -176,16 +218,25 @@ class RunConfig(_Strict):
     @classmethod
     def _method_names(cls, v: Any) -> Any:
         if isinstance(v, list):
-            return [{"name": m} if isinstance(m, str) else m for m in v]
+            return expand_grids([{"name": m} if isinstance(m, str) else m for m in v])
         return v
 
     @model_validator(mode="after")
     def _unique_methods(self) -> "RunConfig":
-        names = [m.name for m in self.methods]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        labels = [m.label for m in self.methods] + sorted({m.select_for for m in self.methods if m.select_for})
+        dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
-            raise ValueError(f"methods: {', '.join(dup)} listed more than once")
+            raise ValueError(f"methods: {', '.join(dup)} listed more than once (give each entry its own `label`)")
         return self
+
+    @property
+    def selections(self) -> dict[str, list["MethodSpec"]]:
+        """``{label: [member specs]}`` of every val-selected sweep, in config order."""
+        out: dict[str, list[MethodSpec]] = {}
+        for m in self.methods:
+            if m.select_for:
+                out.setdefault(m.select_for, []).append(m)
+        return out
 
     @property
     def artifacts_url(self) -> str:

@@ -15,6 +15,7 @@ from longtail.pipeline.config import RunConfig
 from longtail.pipeline.io import write_bytes, write_json
 from longtail.pipeline.keys import code_version, stable_hash
 from longtail.pipeline.methods import MethodResult, load_method, method_logits
+from longtail.pipeline.select import select_sweeps
 from longtail.pipeline.stores import StoreInfo, open_features
 from longtail.stages import evaluate as ev
 from longtail.stages.base import Method
@@ -149,6 +150,9 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
         if section in metrics:
             raise RuntimeError(f"a method's diagnostics section {section!r} clashes with a metrics.json key")
         metrics[section] = per_method
+    members = {s.label for specs in cfg.selections.values() for s in specs}
+    select_sweeps(cfg, metrics, details, {r.name: method_logits(cfg, r.key, "val") for r in results
+                                          if r.name in members}, val_labels)
     if groups:
         metrics["groups"] = group_info(test, fs.attrs.get("attribute_names"))
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,

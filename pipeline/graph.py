@@ -14,6 +14,7 @@ from longtail.pipeline.methods import MethodResult, run_method, validate_methods
 from longtail.pipeline.plan import method_plan, run_requirement_ref
 from longtail.pipeline.preflight import preflight
 from longtail.pipeline.report.build import render_report
+from longtail.pipeline.select import check_selections
 from longtail.pipeline.stores import StoreInfo, open_features
 from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore import store_status
@@ -33,6 +34,7 @@ def run_all(cfg: RunConfig) -> dict:
 
 def run_methods(cfg: RunConfig, store: StoreInfo) -> list[MethodResult]:
     """The shared artifacts (each once), then every configured method, in config order."""
+    check_selections(cfg, open_features(cfg, store).splits)
     for ref in method_plan(cfg).requirements:
         run_requirement_ref(cfg, ref, store)
     return [run_method(cfg, spec, store) for spec in cfg.methods]
@@ -67,11 +69,11 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
     validate_methods(cfg, open_features(cfg, store).num_classes)
     if name != "evaluate":
         method_name = name.removeprefix("method:")
-        specs = [s for s in cfg.methods if s.name == method_name]
+        specs = [s for s in cfg.methods if s.label == method_name]
         if not specs:
             raise LongtailError(
                 f"unknown stage {name!r}: use extract, evaluate, report or one of the configured methods "
-                f"({', '.join(s.name for s in cfg.methods)})"
+                f"({', '.join(s.label for s in cfg.methods)})"
             )
         run_method(cfg, specs[0], store, force=force)
     metrics = run_evaluate(cfg, store, run_methods(cfg, store), force=force)

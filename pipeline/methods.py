@@ -101,7 +101,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     method, params, key = planned_method(cfg, spec, store.fingerprint)
     if artifacts.exists("method", key) and not force:
         meta = artifacts.read_meta("method", key)
-        return MethodResult(spec.name, key, True, meta["fit_seconds"], params)
+        return MethodResult(spec.label, key, True, meta["fit_seconds"], params)
     code = method_code_version(method)  # of the whole chain, as the key (before a base is frozen)
     fs = open_features(cfg, store)
     val = fs.read("val") if "val" in fs.splits else None
@@ -128,7 +128,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     if spec.target:
         meta["target"] = spec.target
     artifacts.write("method", key, files, meta)
-    return MethodResult(spec.name, key, False, fit_seconds, params)
+    return MethodResult(spec.label, key, False, fit_seconds, params)
 
 
 def split_logits(method: Method, fs: FeatureStore, split: str, rows: int | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ class RequirementRef:
 class MethodPlan:
     requirements: list[RequirementRef]
     heads: list[MethodSpec]
-    #: spec name -> idents of the artifacts its method declares (its task waits for them)
+    #: spec label -> idents of the artifacts its method declares (its task waits for them)
     needs: dict[str, list[str]]
     wrapped: list[MethodSpec]
 
@@ -37,11 +37,11 @@ def method_plan(cfg: RunConfig) -> MethodPlan:
     needs: dict[str, list[str]] = {}
     for spec in cfg.methods:
         method, _ = build_method(cfg, spec)
-        needs[spec.name] = []
+        needs[spec.label] = []
         for i, req in enumerate(method.requirements()):
             ident = requirement_ident(req)
             refs.setdefault(ident, RequirementRef(spec, i, req.kind, ident))
-            needs[spec.name].append(ident)
+            needs[spec.label].append(ident)
     heads = [s for s in cfg.methods if inner_spec(s) is None]
     return MethodPlan(requirements=list(refs.values()), heads=heads, needs=needs,
                       wrapped=[s for s in cfg.methods if inner_spec(s) is not None])

@@ -114,9 +114,9 @@ def stage_status(cfg: RunConfig) -> dict:
     previous = [artifacts.read_meta("method", k) for k in artifacts.keys("method")]
     results = []
     for spec in cfg.methods:
-        stages[f"method:{spec.name}"], key = _method_status(cfg, spec, fingerprint, upstream, artifacts, previous)
+        stages[f"method:{spec.label}"], key = _method_status(cfg, spec, fingerprint, upstream, artifacts, previous)
         if key is not None:
-            results.append(MethodResult(spec.name, key, True, 0.0))
+            results.append(MethodResult(spec.label, key, True, 0.0))
 
     metrics = read_metrics(cfg.output)
     recorded = recorded_evaluate(metrics)

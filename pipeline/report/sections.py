@@ -125,7 +125,33 @@ def shift_sections(metrics: dict) -> list[dict]:
     }]
 
 
+def selection_sections(metrics: dict) -> list[dict]:
+    """The val-selected sweeps: what val chose, then the members' test scores as a marked oracle."""
+    sel = metrics.get("selection")
+    if not sel:
+        return []
+    rows, oracle = [], []
+    for label, entry in sel.items():
+        for member, score in entry["val_balanced_accuracy"].items():
+            rows.append([label, member, pct(score), "chosen" if member == entry["chosen"] else ""])
+            oracle.append([label, member, pct(entry["test_oracle"][member])])
+    return [{
+        "title": "Sweeps chosen on val",
+        "text": "Each sweep (a method entry with a `grid`) fits every combination and keeps, under its label, "
+                "the one with the best balanced accuracy (%) on the val split; the method tables above show "
+                "that one.",
+        "columns": ["Label", "Combination", "Val balanced acc.", ""],
+        "rows": rows,
+    }, {
+        "title": "Test-set oracle of the sweeps (not used to choose)",
+        "text": "Balanced accuracy (%) of every combination on the test split, for reference only: choosing "
+                "by it would tune on the test split. The choice above used val alone.",
+        "columns": ["Label", "Combination", "Test balanced acc. (oracle)"],
+        "rows": oracle,
+    }]
+
+
 def report_sections(metrics: dict) -> list[dict]:
     """The report's tables beyond the comparison, in order."""
     found = [calibration_section(metrics), group_section(metrics), dlsa_section(metrics)]
-    return [s for s in found if s] + shift_sections(metrics)
+    return [s for s in found if s] + shift_sections(metrics) + selection_sections(metrics)
