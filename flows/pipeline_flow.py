@@ -23,7 +23,7 @@ from longtail.pipeline.methods import MethodResult, run_method, validate_methods
 from longtail.pipeline.plan import RequirementRef, method_plan, run_requirement_ref
 from longtail.pipeline.report.build import render_report
 from longtail.pipeline.requirements import RequirementResult
-from longtail.pipeline.select import check_selections
+from longtail.pipeline.combine import check_selections
 from longtail.pipeline.stores import StoreInfo, open_features
 
 

@@ -136,13 +136,17 @@ class MethodSpec(_Strict):
 
     ``label`` names it in ``metrics.json``, the report and ``stage`` (default: its name), so one
     method can be listed twice with other parameters. ``select_for`` marks a member of a
-    val-selected sweep (see :func:`expand_grids`): the label of the entry it competes for."""
+    val-selected sweep (see :func:`expand_grids`): the label of the entry it competes for. With
+    several ``seeds`` (:func:`expand_seeds`) each entry is fitted once per seed: ``seed`` is the
+    seed of this fit (instead of the run's ``seed``), ``seed_of`` the label the fits are averaged under."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     target: str | None = None
     label: str = ""
     select_for: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed_of: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -160,26 +164,42 @@ def expand_grids(entries: list[Any]) -> list[Any]:
     """Method entries with a ``grid`` (``{param: [values]}``) replaced by one member per combination:
     label ``LABEL[p=v,...]``, the combination's values over ``params``, ``select_for: LABEL``. Each
     member is a method of its own (own cached fit); evaluation keeps, under ``LABEL``, the member with
-    the best balanced accuracy on the **val** split (:mod:`pipeline.select`)."""
+    the best balanced accuracy on the **val** split (:mod:`pipeline.combine`)."""
     out: list[Any] = []
     for entry in entries:
-        if not isinstance(entry, dict) or "grid" not in entry:
+        if not isinstance(entry, dict) or "grid" not in entry or entry.get("select_for"):
             out.append(entry)
             continue
         label = entry.get("label") or entry.get("name")
         grid = entry["grid"]
         if not isinstance(grid, dict) or not grid:
-            raise ValueError(f"{label}: grid must be a non-empty mapping of parameter names to lists of values")
+            raise ValueError(f"methods: {label}: grid must be a non-empty mapping of parameter names to lists of values")
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
-                raise ValueError(f"{label}: grid.{key} must be a non-empty list of values")
+                raise ValueError(f"methods: {label}: grid.{key} must be a non-empty list of values")
             if isinstance(entry.get("params"), dict) and key in entry["params"]:
-                raise ValueError(f"{label}: {key!r} is both in params and in grid")
+                raise ValueError(f"methods: {label}: {key!r} is both in params and in grid")
         base = {k: v for k, v in entry.items() if k != "grid"}
         for combo in itertools.product(*grid.values()):
             chosen = dict(zip(grid, combo))
             out.append({**base, "params": {**(base.get("params") or {}), **chosen}, "select_for": label,
                         "label": f"{label}[" + ",".join(f"{k}={_grid_value(v)}" for k, v in chosen.items()) + "]"})
+    return out
+
+
+def expand_seeds(entries: list[Any], seeds: list[int]) -> list[Any]:
+    """Each method entry once per seed: with one seed, the entry with ``seed`` set; with several,
+    label ``LABEL@seed=S``, ``seed: S``, ``seed_of: LABEL`` (evaluation averages them under
+    ``LABEL``, :mod:`pipeline.combine`). Entries already expanded (``seed_of`` set) stay as they are."""
+    out: list[Any] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("seed_of") or entry.get("seed") is not None:
+            out.append(entry)
+        elif len(seeds) == 1:
+            out.append({**entry, "seed": seeds[0]})
+        else:
+            label = entry.get("label") or entry.get("name")
+            out.extend({**entry, "label": f"{label}@seed={s}", "seed": s, "seed_of": label} for s in seeds)
     return out
 
 
@@ -191,6 +211,8 @@ class RunConfig(_Strict):
     output: str
     artifacts: str | None = None
     seed: int = 0
+    #: the seeds of the stage-2 fits (every method once per seed); default ``[seed]``
+    seeds: list[int] | None = None
     device: str = "auto"
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -214,28 +236,52 @@ class RunConfig(_Strict):
     def _dataset_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
-    @field_validator("methods", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _method_names(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return expand_grids([{"name": m} if isinstance(m, str) else m for m in v])
-        return v
+    def _expand_methods(cls, data: Any) -> Any:
+        """Method names as mappings, then sweeps and seeds expanded into one entry per fit."""
+        if not isinstance(data, dict) or not isinstance(data.get("methods"), list):
+            return data
+        methods = expand_grids([{"name": m} if isinstance(m, str) else m for m in data["methods"]])
+        seeds = data.get("seeds")
+        if seeds is not None:
+            if not isinstance(seeds, list) or not seeds:
+                raise ValueError("seeds: give a non-empty list of seeds, e.g. [0, 1, 2]")
+            if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**63 for x in seeds):
+                raise ValueError(f"seeds: {seeds!r}: every seed must be an integer in [0, 2**63)")
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds: {seeds!r} lists a seed more than once")
+            methods = expand_seeds(methods, seeds)
+        return {**data, "methods": methods}
 
     @model_validator(mode="after")
     def _unique_methods(self) -> "RunConfig":
-        labels = [m.label for m in self.methods] + sorted({m.select_for for m in self.methods if m.select_for})
+        labels = [m.label for m in self.methods] + sorted(
+            {m.select_for for m in self.methods if m.select_for} | {m.seed_of for m in self.methods if m.seed_of})
         dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
             raise ValueError(f"methods: {', '.join(dup)} listed more than once (give each entry its own `label`)")
         return self
 
     @property
-    def selections(self) -> dict[str, list["MethodSpec"]]:
-        """``{label: [member specs]}`` of every val-selected sweep, in config order."""
-        out: dict[str, list[MethodSpec]] = {}
+    def selections(self) -> dict[str, list[str]]:
+        """``{label: [member labels]}`` of every val-selected sweep, in config order (a member's
+        label is that of its fits averaged over seeds)."""
+        out: dict[str, list[str]] = {}
         for m in self.methods:
             if m.select_for:
-                out.setdefault(m.select_for, []).append(m)
+                members = out.setdefault(m.select_for, [])
+                if (m.seed_of or m.label) not in members:
+                    members.append(m.seed_of or m.label)
+        return out
+
+    @property
+    def seed_groups(self) -> dict[str, list["MethodSpec"]]:
+        """``{label: [its per-seed specs]}`` when several seeds are configured, in config order."""
+        out: dict[str, list[MethodSpec]] = {}
+        for m in self.methods:
+            if m.seed_of:
+                out.setdefault(m.seed_of, []).append(m)
         return out
 
     @property
@@ -287,14 +333,19 @@ DEMO_METHODS: list[Union[str, dict]] = [
 ]
 
 
+#: the demo fits every method with three seeds (means and 95% intervals over seeds in the report)
+DEMO_SEEDS = (0, 1, 2)
+
+
 def demo_config(out: str) -> RunConfig:
-    """The demo: the full DAG on ``digits-lt`` with every head and ``ce+pc``."""
+    """The demo: the full DAG on ``digits-lt`` with every head and ``ce+pc``, three seeds."""
     return parse_config(
         {
             "store": os.path.join(out, "features.zarr"),
             "dataset": "digits-lt",
             "backbone": {"kind": "builtin"},
             "methods": DEMO_METHODS,
+            "seeds": list(DEMO_SEEDS),
             "output": out,
         },
         source="demo",

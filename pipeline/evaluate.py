@@ -11,15 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from longtail.pipeline.combine import aggregate_seeds, balanced_accuracy, select_sweeps
 from longtail.pipeline.config import RunConfig
 from longtail.pipeline.io import write_bytes, write_json
 from longtail.pipeline.keys import code_version, stable_hash
 from longtail.pipeline.methods import MethodResult, load_method, method_logits
-from longtail.pipeline.select import select_sweeps
 from longtail.pipeline.stores import StoreInfo, open_features
 from longtail.stages import evaluate as ev
 from longtail.stages.base import Method
 from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate.intervals import bootstrap_intervals
 from longtail.stages.label_shift import shifted_evaluation
 
 
@@ -124,12 +125,20 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
     sections: dict[str, dict[str, Any]] = {}  # diagnostics the methods declare, by metrics.json section
     train = None
     groups = use_groups(cfg, test.attributes is not None, f"store {store.url!r}")
+    choosing = {s.label for s in cfg.methods if s.select_for}  # fits whose val score a sweep compares
+    val_scores: dict[str, float] = {}
     for r in results:
         logits = method_logits(cfg, r.key, "test")
         m = ev.evaluate(logits, labels, test.class_counts, many_threshold=e.many_threshold,
                         few_threshold=e.few_threshold, split_rule=e.split_rule, ece_bins=e.ece_bins)
         m["fit_seconds"] = float(r.fit_seconds)
         m["classwise_ece"] = ev.classwise_ece(ev.softmax(logits), labels, e.ece_bins)
+        m["seeds"] = 1  # a seed group's fits are averaged below, with a t-interval over seeds
+        m["ci95"] = {k: list(v) for k, v in bootstrap_intervals(
+            logits, labels, {"many": many, "medium": medium, "few": few}, seed=cfg.seed).items()}
+        m["ci95_over"] = "test samples"
+        if r.name in choosing and val_labels is not None:
+            val_scores[r.name] = balanced_accuracy(method_logits(cfg, r.key, "val"), val_labels)
         if groups:
             m |= ev.group_metrics(logits, labels, test.attributes)
         metrics["methods"][r.name] = m
@@ -150,9 +159,8 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
         if section in metrics:
             raise RuntimeError(f"a method's diagnostics section {section!r} clashes with a metrics.json key")
         metrics[section] = per_method
-    members = {s.label for specs in cfg.selections.values() for s in specs}
-    select_sweeps(cfg, metrics, details, {r.name: method_logits(cfg, r.key, "val") for r in results
-                                          if r.name in members}, val_labels)
+    aggregate_seeds(cfg, metrics, details, val_scores)
+    select_sweeps(cfg, metrics, details, val_scores)
     if groups:
         metrics["groups"] = group_info(test, fs.attrs.get("attribute_names"))
     metrics["shot_rule"] = {"split_rule": e.split_rule, "many_threshold": e.many_threshold,

@@ -14,7 +14,7 @@ from longtail.pipeline.methods import MethodResult, run_method, validate_methods
 from longtail.pipeline.plan import method_plan, run_requirement_ref
 from longtail.pipeline.preflight import preflight
 from longtail.pipeline.report.build import render_report
-from longtail.pipeline.select import check_selections
+from longtail.pipeline.combine import check_selections
 from longtail.pipeline.stores import StoreInfo, open_features
 from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore import store_status

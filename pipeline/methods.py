@@ -46,17 +46,19 @@ def inner_spec(spec: MethodSpec) -> MethodSpec | None:
     if name.outer is None:
         return None
     return MethodSpec(name=name.inner_name, params={k: v for k, v in spec.params.items() if k != name.outer},
-                      target=spec.target)
+                      target=spec.target, seed=spec.seed)
 
 
 def resolved_params(cfg: RunConfig, spec: MethodSpec, method: Method) -> dict:
-    """Config params plus the run's seed and device for every method (and wrapper) of the chain
-    that takes them; a wrapper's own parameters are nested under its name."""
+    """Config params plus the run's seed (the spec's own, one of ``seeds``, when it has one) and
+    device for every method (and wrapper) of the chain that takes them; a wrapper's own parameters
+    are nested under its name."""
     params = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.params.items()}
+    seed = cfg.seed if spec.seed is None else spec.seed
     for m in method.chain():
         own = params.setdefault(type(m).name, {}) if isinstance(m, Wrapper) else params
         names = m.get_params()
-        for key, value in (("seed", cfg.seed), ("device", cfg.device)):
+        for key, value in (("seed", seed), ("device", cfg.device)):
             if key in names and key not in own:
                 own[key] = value
     return params

@@ -86,22 +86,60 @@ def _format(value: float, kind: str) -> str:
     return f"{value:.4f}"
 
 
-def _table(methods: dict[str, dict[str, float]]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
-    """Header and rows of (text, is_best) cells; best is decided on the displayed (rounded) value."""
+def _half_width(interval: tuple[float, float] | None, kind: str) -> str:
+    if interval is None or math.isnan(interval[0]) or math.isnan(interval[1]):
+        return ""
+    hw = (interval[1] - interval[0]) / 2
+    return " ± " + _format(hw, kind)
+
+
+def _table(methods: dict[str, dict[str, float]],
+           intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+           ) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of (text, is_marked) cells.
+
+    A column where every shown method has a 95% interval prints ``mean ± half-width`` and marks
+    every method whose interval overlaps the best one's (not distinguishable from the best); a
+    column without intervals marks the best displayed (rounded) value."""
+    intervals = intervals or {}
     header = ["Method"] + [h for _, h, _, _ in REPORT_COLUMNS]
-    texts = {m: [_format(v[k], kind) for k, _, kind, _ in REPORT_COLUMNS] for m, v in methods.items()}
-    best_cols: list[set[str]] = []
+    values = {m: [_format(v[k], kind) for k, _, kind, _ in REPORT_COLUMNS] for m, v in methods.items()}
+    texts = {m: [t + (_half_width(intervals.get(m, {}).get(k), kind) if t != "n/a" else "")
+                 for t, (k, _, kind, _) in zip(cells, REPORT_COLUMNS)] for m, cells in values.items()}
+    marked: list[set[str]] = []
     for col, (key, _, kind, better) in enumerate(REPORT_COLUMNS):
-        shown = {m: float(t[col]) for m, t in texts.items() if t[col] != "n/a"}
+        shown = {m: float(t[col]) for m, t in values.items() if t[col] != "n/a"}
         if len(shown) < 2:  # one value (or none) is not a comparison: nothing in bold
-            best_cols.append(set())
+            marked.append(set())
             continue
         target = max(shown.values()) if better == "max" else min(shown.values())
-        best_cols.append({m for m, v in shown.items() if v == target})
+        best = [m for m, v in shown.items() if v == target]
+        ivs = {m: intervals.get(m, {}).get(key) for m in shown}
+        if all(iv is not None and not math.isnan(iv[0]) and not math.isnan(iv[1]) for iv in ivs.values()):
+            lo, hi = ivs[best[0]]
+            marked.append({m for m, (a, b) in ivs.items() if (b >= lo if better == "max" else a <= hi)})
+        else:
+            marked.append(set(best))
     rows = []
     for m, cells in texts.items():
-        rows.append([(m, False)] + [(t, m in best_cols[i]) for i, t in enumerate(cells)])
+        rows.append([(m, False)] + [(t, m in marked[i]) for i, t in enumerate(cells)])
     return header, rows
+
+
+def _intervals(name: str, metrics: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """A method's optional ``ci95`` (``{metric: [low, high]}``, null bounds for n/a), checked."""
+    raw = metrics.get("ci95")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise LongtailError(f"results: methods[{name!r}]['ci95'] must be a mapping of metric -> [low, high]")
+    out = {}
+    for key, bounds in raw.items():
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+            raise LongtailError(f"results: methods[{name!r}]['ci95'][{key!r}] must be [low, high]")
+        out[str(key)] = (_number(bounds[0], f"results: methods[{name!r}]['ci95'][{key!r}]"),
+                         _number(bounds[1], f"results: methods[{name!r}]['ci95'][{key!r}]"))
+    return out
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -154,6 +192,8 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
     if not isinstance(methods_in, Mapping) or not methods_in:
         raise LongtailError("results: 'methods' must be a non-empty mapping of method name -> metrics")
     methods: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, tuple[float, float]]] = {}
+    seeds: dict[str, int] = {}
     for name, metrics in methods_in.items():
         if not isinstance(metrics, Mapping):
             raise LongtailError(f"results: methods[{name!r}] must be a mapping of metrics")
@@ -162,6 +202,11 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
             raise LongtailError(f"results: methods[{name!r}] lacks key(s) {', '.join(missing)}")
         methods[str(name)] = {k: _number(metrics[k], f"results: methods[{name!r}][{k!r}]")
                               for k in _REQUIRED_METHOD_KEYS}
+        intervals[str(name)] = _intervals(str(name), metrics)
+        n = metrics.get("seeds", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LongtailError(f"results: methods[{name!r}]['seeds'] must be a positive integer")
+        seeds[str(name)] = n
     rule = dict(results.get("shot_rule") or {})
     unknown = set(rule) - {"split_rule", "many_threshold", "few_threshold"}
     if unknown:
@@ -183,6 +228,8 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
         "counts": counts.astype(np.int64),
         "names": [str(n) for n in names] if names is not None else None,
         "methods": methods,
+        "intervals": intervals,
+        "seeds": seeds,
         "rule": {
             "split_rule": rule.get("split_rule", "auto"),
             "many_threshold": rule.get("many_threshold", 100),
@@ -191,6 +238,20 @@ def _validate_results(results: Any, out_dir: Path) -> dict[str, Any]:
         "plots": plots,
         "store": _flatten(store),
     }
+
+
+def _marking(r: dict[str, Any]) -> str:
+    """How the table marks methods: by intervals where it has them, else the best value."""
+    if not any(r["intervals"].values()):
+        return "Bold marks the best value of each column among the methods;"
+    n = sorted(set(r["seeds"].values()))
+    over = (f"over {n[0]} seeds (Student-t)" if n == [max(n[0], 2)] else
+            "over test samples (bootstrap, within each class)" if n == [1] else
+            "over seeds (Student-t) for methods fitted with several seeds, over test samples (bootstrap) "
+            "for the others")
+    return ("± is the half-width of the 95% confidence interval " + over + "; bold marks every method "
+            "whose interval overlaps that of the best in the column (not distinguishable from it), and "
+            "a column without intervals marks the best value;")
 
 
 def _describe(r: dict[str, Any]) -> dict[str, Any]:
@@ -231,8 +292,7 @@ def _describe(r: dict[str, Any]) -> dict[str, Any]:
                 "shot group; MCC and NMI are in [-1, 1] and [0, 1], higher is better; ECE (equal-width bins "
                 "of top-1 confidence), Brier (sum over classes, mean over samples) and NLL (mean, natural "
                 "log) are calibration errors, lower is better; Fit is the wall time to fit the method. "
-                "Bold marks the best value of each column among the methods; n/a means the metric is "
-                "undefined (e.g. a shot group with no class)."),
+                + _marking(r) + " n/a means the metric is undefined (e.g. a shot group with no class)."),
     }
 
 
@@ -269,7 +329,7 @@ def _render_md(r: dict[str, Any], d: dict[str, Any]) -> str:
     lines.append(f"- **Shot groups:** {_md_escape(d['rule'])}.")
     lines.append(f"- **Group sizes:** {_md_escape(d['groups'])}")
     lines += ["", "## Comparison", ""]
-    header, rows = _table(r["methods"])
+    header, rows = _table(r["methods"], r["intervals"])
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:
@@ -332,7 +392,7 @@ def _render_html(r: dict[str, Any], d: dict[str, Any]) -> str:
         "<h2>Comparison</h2>",
         "<table>",
     ]
-    header, rows = _table(r["methods"])
+    header, rows = _table(r["methods"], r["intervals"])
     out.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead>")
     out.append("<tbody>")
     for row in rows:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from longtail.pipeline.config import parse_config
-from longtail.pipeline.select import balanced_accuracy
+from longtail.pipeline.combine import balanced_accuracy
 from longtail.stages.errors import LongtailError
 from tests.pipeline.conftest import FAST, assert_user_error, invoke
 
@@ -86,3 +86,46 @@ def test_a_grid_on_a_store_without_val_fails_before_any_fit(tmp_path, feature_fi
     cfg = write_config(_cfg(tmp_path, path, ["ce", {"name": "logit-adjust", "grid": {"tau": [0.5, 1.0]}}]))
     assert_user_error(invoke("run", cfg, "--no-prefect"), "logit-adjust", "val split")
     assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_seeds_average_the_fits_with_a_t_interval(tmp_path, store, write_config):
+    methods = [{"name": "ce", "params": FAST}, {"name": "ce+pc", "params": FAST},
+               {"name": "logit-adjust", "grid": {"tau": [0.0, 1.0]}, "params": FAST}]
+    cfg = write_config({**_cfg(tmp_path, store, methods), "seeds": [0, 1, 2]})
+    r = invoke("run", cfg, "--no-prefect")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["ce", "ce+pc", "logit-adjust"]
+    ce = metrics["methods"]["ce"]
+    assert ce["seeds"] == 3 and ce["ci95_over"] == "seeds"
+    values = ce["per_seed"]["balanced_accuracy"]
+    assert len(set(values)) > 1  # the seed reaches the fit
+    # the t-interval by hand: t_{0.975, 2} = 4.302653, sample standard deviation (n - 1)
+    mean = sum(values) / 3
+    sd = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+    assert ce["balanced_accuracy"] == pytest.approx(mean)
+    assert ce["ci95"]["balanced_accuracy"] == pytest.approx([mean - 4.302653 * sd / 3 ** 0.5,
+                                                             mean + 4.302653 * sd / 3 ** 0.5], rel=1e-6)
+    # each seed's fit is cached: the per-seed artifacts are in the lineage
+    assert {f"ce@seed={s}" for s in range(3)} <= set(metrics["lineage"]["artifacts"])
+    # the sweep chooses on the val score averaged over seeds
+    sel = metrics["selection"]["logit-adjust"]
+    assert set(sel["val_balanced_accuracy"]) == {"logit-adjust[tau=0.0]", "logit-adjust[tau=1.0]"}
+    assert metrics["methods"]["logit-adjust"]["seeds"] == 3
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert " ± " in report and "over 3 seeds (Student-t)" in report
+
+
+def test_one_seed_gets_a_bootstrap_interval_over_test_samples(imported_run):
+    metrics = json.loads((imported_run["out"] / "metrics.json").read_text())
+    ce = metrics["methods"]["ce"]
+    assert ce["seeds"] == 1 and ce["ci95_over"] == "test samples"
+    lo, hi = ce["ci95"]["balanced_accuracy"]
+    assert lo <= ce["balanced_accuracy"] <= hi and hi - lo > 0
+
+
+@pytest.mark.parametrize("seeds, needle", [([], "non-empty list"), ([0, 0], "more than once"),
+                                           ([-1], "[0, 2**63)"), ([2 ** 70], "[0, 2**63)")])
+def test_bad_seeds(seeds, needle):
+    with pytest.raises(LongtailError, match=needle.replace("[", r"\[").replace("*", r"\*").replace(")", r"\)")):
+        parse_config({"store": "s", "output": "o", "methods": ["ce"], "seeds": seeds})
