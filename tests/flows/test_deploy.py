@@ -22,7 +22,8 @@ def test_deployment_object_has_schedule_and_parameters(config):
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"]
     assert dep.entrypoint == "longtail.flows.pipeline_flow.longtail_flow"
     params = dep.parameters["config"]
-    assert params["methods"] == [{"name": "ce", "params": FAST}, {"name": "ce+pc", "params": FAST}]
+    assert params["methods"] == [{"name": "ce", "params": FAST, "label": "ce"},
+                                 {"name": "ce+pc", "params": FAST, "label": "ce+pc"}]
     assert os.path.isabs(params["store"]) and os.path.isabs(params["output"])
 
 
