@@ -28,6 +28,7 @@ import numpy as np
 from longtail.pipeline.config import RunConfig
 from longtail.stages.errors import LongtailError
 from longtail.stages.evaluate import METRIC_KEYS, per_class_accuracy
+from longtail.stages.evaluate.validate import nanmean
 from longtail.stages.evaluate.intervals import t_interval
 
 
@@ -40,10 +41,7 @@ def check_selections(cfg: RunConfig, splits) -> None:
 
 def balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean per-class accuracy over the classes present in ``labels``."""
-    c = logits.shape[1]
-    per = per_class_accuracy(logits.argmax(axis=1), labels, c)
-    present = np.bincount(labels, minlength=c) > 0
-    return float(np.mean(per[present]))
+    return nanmean(per_class_accuracy(logits.argmax(axis=1), labels, logits.shape[1]))  # NaN: absent classes
 
 
 def _collapse(metrics: dict[str, Any], details: dict[str, np.ndarray], members: list[str], label: str,

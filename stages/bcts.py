@@ -35,6 +35,7 @@ import torch
 from longtail.stages.base import FitContext, Wrapper
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
+from longtail.stages.evaluate import softmax
 
 #: ``1/T`` stays in ``[1/BOUND, BOUND]``, as for temperature scaling
 BOUND = 100.0
@@ -122,11 +123,7 @@ def bcts_logits(logits: np.ndarray, temperature: float, bias: np.ndarray) -> np.
 def calibrated_prior(logits: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
     """The mean calibrated posterior ``(C,)`` over a split's ``logits``: the prior the calibrated
     posteriors carry, when ``logits`` are those of the split BCTS was fitted on (see the module)."""
-    s = bcts_logits(logits, temperature, bias)
-    s -= s.max(axis=1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=1, keepdims=True)
-    prior = p.mean(axis=0)
+    prior = softmax(bcts_logits(logits, temperature, bias)).mean(axis=0)
     return prior / prior.sum()
 
 
