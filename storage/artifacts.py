@@ -50,6 +50,11 @@ _KEY = re.compile(r"^[0-9a-f]{8,128}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 
+class CorruptArtifactError(LongtailError):
+    """A complete artifact whose files do not match its ``_COMPLETE`` marker (a file edited,
+    truncated or missing), or whose marker is unreadable; the message names the file."""
+
+
 # ---------------------------------------------------------------------------------------- JSON
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
@@ -168,9 +173,16 @@ class ArtifactStore:
             if self.fs.exists(d):
                 raise LongtailError(f"{where}: artifact is incomplete (no {MARKER} marker); rerun the stage") from None
             raise LongtailError(f"{where}: no such artifact") from None
-        manifest = load_json(raw, join(where, MARKER))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise LongtailError(f"{join(where, MARKER)}: corrupt artifact marker (no file list)")
+        try:
+            manifest = load_json(raw, join(where, MARKER))
+        except LongtailError as e:
+            raise CorruptArtifactError(f"{e} (corrupt artifact marker)") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("blake2b"), str)
+                for v in files.values()):
+            raise CorruptArtifactError(f"{join(where, MARKER)}: corrupt artifact marker (no file list with sizes "
+                                       "and hashes)")
         return manifest
 
     def files(self, kind: str, key: str) -> list[str]:
@@ -182,8 +194,10 @@ class ArtifactStore:
         return load_json(self.read_file(kind, key, META), join(self.url(kind, key), META))
 
     def read_file(self, kind: str, key: str, name: str) -> bytes:
-        """Bytes of file ``name`` of a complete artifact; LongtailError when the artifact is
-        missing or incomplete, the name is unknown, or the file's size differs from the marker's."""
+        """Bytes of file ``name`` of a complete artifact, checked against the size and blake2b
+        its ``_COMPLETE`` marker holds. LongtailError when the artifact is missing or incomplete or
+        the name is unknown; :class:`CorruptArtifactError` when the file is missing or its size
+        or content differs from the marker's."""
         return self._read_listed(kind, key, name, self._manifest(kind, key))
 
     def _read_listed(self, kind: str, key: str, name: str, manifest: dict) -> bytes:
@@ -195,17 +209,20 @@ class ArtifactStore:
         try:
             data = self.fs.cat_file(join(self._dir(kind, key), name))
         except FileNotFoundError as e:
-            raise LongtailError(f"{where}: file listed in {MARKER} is missing (corrupt artifact)") from e
-        if len(data) != manifest["files"][name]["size"]:
-            raise LongtailError(f"{where}: {len(data)} bytes, {manifest['files'][name]['size']} expected (corrupt artifact)")
+            raise CorruptArtifactError(f"{where}: file listed in {MARKER} is missing (corrupt artifact)") from e
+        info = manifest["files"][name]
+        if len(data) != info["size"]:
+            raise CorruptArtifactError(f"{where}: {len(data)} bytes, {info['size']} expected (corrupt artifact)")
+        if hashlib.blake2b(data, digest_size=32).hexdigest() != info["blake2b"]:
+            raise CorruptArtifactError(f"{where}: content does not match its hash in {MARKER} (corrupt artifact)")
         return data
 
     def verify(self, kind: str, key: str) -> None:
-        """Checks every file's blake2b against the marker; LongtailError naming the first bad one."""
+        """Checks every file's size and blake2b against the marker (what every read checks);
+        :class:`CorruptArtifactError` naming the first bad file."""
         manifest = self._manifest(kind, key)
-        for name, info in manifest["files"].items():
-            if hashlib.blake2b(self._read_listed(kind, key, name, manifest), digest_size=32).hexdigest() != info["blake2b"]:
-                raise LongtailError(f"{join(self.url(kind, key), name)}: content does not match its hash (corrupt artifact)")
+        for name in sorted(manifest["files"]):
+            self._read_listed(kind, key, name, manifest)
 
     # ------------------------------------------------------------------ writing
     def write(self, kind: str, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any] | None = None) -> str:
@@ -286,4 +303,4 @@ class ArtifactStore:
                 raise
 
 
-__all__ = ["ArtifactStore", "dump_json", "load_json", "load_tensors", "save_tensors", "MARKER", "META"]
+__all__ = ["ArtifactStore", "CorruptArtifactError", "dump_json", "load_json", "load_tensors", "save_tensors", "MARKER", "META"]
