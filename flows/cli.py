@@ -162,6 +162,25 @@ def status(
 
 @app.command()
 @_user_errors
+def verify(
+    target: str = typer.Argument(..., help="A feature store, a run directory or a YAML config."),
+) -> None:
+    """Check a store, a run directory or a config's outputs against their recorded fingerprints and
+    hashes (store content and train class counts, every cached artifact, the evaluation's and the
+    report's commit records); computes nothing. Exit status 2 when anything is corrupt."""
+    from longtail.pipeline.status import verify_target
+
+    results = verify_target(target)
+    for r in results:
+        typer.echo(f"{'ok' if r['ok'] else 'corrupt':<9}{r['what']}" + (f": {r['detail']}" if r["ok"] and r["detail"] else ""))
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        raise LongtailError(f"{len(bad)} of {len(results)} checked corrupt: " + " | ".join(r["detail"] for r in bad))
+    typer.echo(f"verify: all {len(results)} checked, nothing corrupt")
+
+
+@app.command()
+@_user_errors
 def deploy(
     config: str = typer.Argument(..., help="YAML config file."),
     cron: str = typer.Option(..., "--cron", help='Cron schedule of the retraining runs, e.g. "0 3 * * *".'),

@@ -85,10 +85,17 @@ def planned_extract(cfg: RunConfig):
     return ds, inputs, extract_key(inputs)
 
 
-def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
-    """A complete store the config may use: same extraction key, or no dataset in the config."""
+def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None, verify: bool = True) -> StoreInfo:
+    """A complete store the config may use: same extraction key, or no dataset in the config.
+
+    With ``verify`` (what a run does when it first opens the store) its content is checked
+    against its recorded fingerprints and class counts in one streaming pass
+    (:meth:`FeatureStore.verify`): an edited or damaged store is a one-line error naming it, before
+    anything is computed from it."""
     store = open_store(cfg.store, storage_options=cfg.storage_options)
     if key is None:
+        if verify:
+            store.verify()
         return StoreInfo(cfg.store, store.fingerprint, cached=True)
     made_by = store.attrs.get("extract_key")
     if made_by != key:
@@ -98,6 +105,8 @@ def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) 
             f"{store.dataset_fingerprint}, this config's {ds_fingerprint}): point `store` at a new "
             "path, or drop `dataset` from the config to use the store as it is"
         )
+    if verify:
+        store.verify()
     return StoreInfo(cfg.store, store.fingerprint, cached=True, extract_key=key)
 
 

@@ -25,7 +25,7 @@ from longtail.stages.base import Frozen, Method, Wrapper
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
 from longtail.stages.registry import make_method, needs_full_split, parse_name
-from longtail.storage.artifacts import load_tensors, save_tensors
+from longtail.storage.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from longtail.storage.featurestore import FeatureStore
 
 
@@ -102,6 +102,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     artifacts = artifact_store(cfg)
     method, params, key = planned_method(cfg, spec, store.fingerprint)
     if artifacts.exists("method", key) and not force:
+        check_artifact(artifacts, "method", key, spec.label)
         meta = artifacts.read_meta("method", key)
         return MethodResult(spec.label, key, True, meta["fit_seconds"], params)
     code = method_code_version(method)  # of the whole chain, as the key (before a base is frozen)
@@ -129,8 +130,17 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if spec.target:
         meta["target"] = spec.target
-    artifacts.write("method", key, files, meta)
+    artifacts.write("method", key, files, meta, replace=force)
     return MethodResult(spec.label, key, False, fit_seconds, params)
+
+
+def check_artifact(artifacts, kind: str, key: str, label: str) -> None:
+    """A cached artifact's files against the hashes of its completion marker, before it is trusted;
+    a corrupt one is a one-line error that says how to replace it."""
+    try:
+        artifacts.verify(kind, key)
+    except CorruptArtifactError as e:
+        raise CorruptArtifactError(f"{e}; `longtail stage {label} --force` replaces it") from None
 
 
 def split_logits(method: Method, fs: FeatureStore, split: str, rows: int | None = None) -> np.ndarray:

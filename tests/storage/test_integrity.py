@@ -144,3 +144,68 @@ def test_a_corrupt_marker_is_a_corrupt_artifact(tmp_path):
     (tmp_path / "cache" / "method" / key / art.MARKER).write_text(json.dumps(doc))
     with pytest.raises(art.CorruptArtifactError, match=f"{art.MARKER}.*hashes"):  # a marker without hashes
         store.read_file("method", key, "a.bin")
+
+
+# ---------------------------------------------------------------------------------------- --force, leftovers
+def test_replace_writes_a_new_artifact_over_a_corrupt_one(tmp_path):
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    key = "ef" * 16
+    store.write("method", key, {"a.bin": b"old!"}, {"v": 1})
+    (tmp_path / "cache" / "method" / key / "a.bin").write_bytes(b"bad!")
+    store.write("method", key, {"a.bin": b"new"}, {"v": 2})  # without replace: kept as it is
+    with pytest.raises(art.CorruptArtifactError):
+        store.verify("method", key)
+    store.write("method", key, {"a.bin": b"new"}, {"v": 2}, replace=True)
+    store.verify("method", key)
+    assert store.read_file("method", key, "a.bin") == b"new" and store.read_meta("method", key) == {"v": 2}
+    assert sorted(os.listdir(tmp_path / "cache" / "method")) == [key]  # nothing left aside
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_the_next_writer_removes_what_crashed_writers_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    base = tmp_path / "cache" / "method"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name, pid in ((".tmp-" + "1" * 32 + "-dead", _dead_pid()), (".tmp-" + "2" * 32 + "-live", live.pid),
+                          (".old-" + "3" * 32 + "-dead", _dead_pid())):
+            (base / name).mkdir(parents=True)
+            (base / name / "big.bin").write_bytes(b"x" * 1000)
+            (base / name / art.OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        (base / ".tmp-ownerless-recent").mkdir()
+        (base / ".tmp-ownerless-old").mkdir()
+        old = time.time() - 2 * art.ORPHAN_AGE
+        os.utime(base / ".tmp-ownerless-old", (old, old))
+        store.write("method", "ab" * 16, {"a.bin": b"x"})
+        left = sorted(p.name for p in base.iterdir())
+        assert left == sorted(["ab" * 16, ".tmp-" + "2" * 32 + "-live", ".tmp-ownerless-recent"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_atomic_write_removes_the_temporaries_of_dead_writers(tmp_path):
+    from longtail.pipeline import io as pio
+
+    target = tmp_path / "metrics.json"
+    dead = tmp_path / f".metrics.json.tmp-{_dead_pid()}-{pio._host_tag()}-abc.tmp"
+    mine = tmp_path / f".metrics.json.tmp-{os.getpid()}-{pio._host_tag()}-abc.tmp"  # a live writer: this one
+    other = tmp_path / f".report.md.tmp-{_dead_pid()}-{pio._host_tag()}-abc.tmp"  # another file's: not ours
+    for p in (dead, mine, other):
+        p.write_bytes(b"{")
+    pio.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert not dead.exists() and mine.exists() and other.exists()
