@@ -6,6 +6,7 @@ nothing already written is touched when the input is bad, because every check ru
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -31,15 +32,33 @@ app = typer.Typer(
 )
 
 
+#: operating-system errors that are the machine's state or the user's input, not a bug: a full disk,
+#: a path too long, a read-only or forbidden place. One line naming the file, like a LongtailError.
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE})
+
+
+def user_os_error(exc: BaseException) -> str | None:
+    """The one line for an OSError of :data:`USER_OS_ERRORS` (``FILE: reason``), else None."""
+    if not isinstance(exc, OSError) or exc.errno not in USER_OS_ERRORS:
+        return None
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    text = exc.strerror or os.strerror(exc.errno)
+    where = os.fsencode(str(where)).decode("utf-8", "backslashreplace") if where else ""
+    return f"{where}: {text}" if where else text
+
+
 class _DropUserErrors(logging.Filter):
     """Prefect logs a task's exception with its traceback; user errors are reported once, by us."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, LongtailError):
+        if isinstance(exc, LongtailError) or (exc is not None and user_os_error(exc) is not None):
             return False
         msg = record.getMessage()
-        return "LongtailError" not in msg
+        return "LongtailError" not in msg and not any(os.strerror(e) in msg for e in USER_OS_ERRORS)
 
 
 def _quiet_user_errors() -> None:
@@ -57,7 +76,13 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LongtailError as exc:
-            typer.echo(f"longtail: error: {exc}", err=True)
+            typer.echo(f"longtail: error: {' '.join(str(exc).split())}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            line = user_os_error(exc)
+            if line is None:
+                raise
+            typer.echo(f"longtail: error: {line}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -156,7 +181,7 @@ def status(
 
     cfg = load_config(config)
     validate_methods(cfg)
-    res = stage_status(cfg)
+    res = stage_status(cfg)  # runs no user code: a python backbone is hashed, not built
     typer.echo(json.dumps(res, indent=2) if as_json else format_status(res))
 
 
@@ -200,7 +225,7 @@ def deploy(
 
     dp.check_cron(cron)
     cfg = load_config(config)
-    preflight(cfg)
+    preflight(cfg, run_code=not dry_run)  # a dry run builds no python backbone (runs no user code)
     check_runner(cfg.runner)
     dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool)
     schedule = f"cron {cron!r}"
@@ -291,16 +316,10 @@ def dlsa_diagnostics(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Head-tail separability of the features in each store (DLSA flow filters only, no classifier)."""
-    import yaml
-
+    from longtail.pipeline.config import parse_set
     from longtail.pipeline.diagnostics import run_dlsa_diagnostics
 
-    params = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
-        params[key.strip()] = yaml.safe_load(value)
+    params = parse_set(set_ or [])
     res = run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
     _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8)],
                 [[url[-40:], str(f["filter"]), _pct(f["tail_share_in"], 1), _pct(f["separation_accuracy"], 1),

@@ -19,7 +19,7 @@ from longtail.flows.runners import make_task_runner
 from longtail.pipeline.config import MethodSpec, RunConfig, parse_config
 from longtail.pipeline.evaluate import run_evaluate
 from longtail.pipeline.extract import run_extract
-from longtail.pipeline.methods import MethodResult, run_method, validate_methods
+from longtail.pipeline.methods import MethodResult, run_method, validate_data, validate_methods
 from longtail.pipeline.plan import RequirementRef, method_plan, run_requirement_ref
 from longtail.pipeline.report.build import render_report
 from longtail.pipeline.requirements import RequirementResult
@@ -58,6 +58,7 @@ def stages_flow(cfg: RunConfig) -> dict:
     """The stage graph of one validated config, on the task runner given by ``with_options``."""
     store = extract_task(cfg)
     check_selections(cfg, open_features(cfg, store).splits)  # before any fit
+    validate_data(cfg, store)
     plan = method_plan(cfg)
     # each shared artifact once, before the methods that declare it
     built = {ref.ident: requirement_task.submit(cfg, ref, store) for ref in plan.requirements}

@@ -88,9 +88,10 @@ def read_metrics(out_dir: str) -> dict | None:
     """``OUT/metrics.json`` of an earlier run, or None when absent or unreadable."""
     try:
         with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+            doc = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def declares_diagnostics(method: Method) -> bool:

@@ -91,6 +91,27 @@ def validate_methods(cfg: RunConfig, num_classes: int | None = None) -> None:
             method.check_params(num_classes)
 
 
+def metadata_split(fs: FeatureStore, split: str = "train") -> FeatureSet:
+    """``split``'s metadata as a FeatureSet, no row read: one zero row per class, labels ``0..C-1``,
+    the store's train class counts and names (what :meth:`Method.check_data` looks at)."""
+    C, D = fs.num_classes, fs.feature_dim
+    return FeatureSet(features=np.zeros((C, D), dtype=np.float32), labels=np.arange(C), class_counts=fs.class_counts,
+                      class_names=fs.class_names, name=f"{split} (metadata)", source=fs.url,
+                      meta={"store_fingerprint": fs.fingerprint, "split_fingerprint": fs.split_fingerprint(split)})
+
+
+def validate_data(cfg: RunConfig, store: StoreInfo) -> None:
+    """Every configured method's checks against the store (class counts, dimension, whether there
+    is a val split: ``+ts`` without one, a neighbour count above the train size), before the first
+    fit of the run, so that a mistake in the last method does not surface after the others were fitted."""
+    fs = open_features(cfg, store)
+    train = metadata_split(fs)
+    val = fs.read("val") if "val" in fs.splits else None
+    for spec in cfg.methods:
+        method, _ = build_method(cfg, spec)
+        method.check_data(train, val)
+
+
 def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
     """Fit one method on the cached train features (reusing a cached fit), store its logits.
 

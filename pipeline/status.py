@@ -79,7 +79,7 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
             fp = store.fingerprint
             return "import", _entry(CACHED, f"imported store {cfg.store} (fingerprint {fp})"), fp
         return "import", _entry(MISSING, f"store {cfg.store} is {status}: run `longtail import-features`"), None
-    _, now, key = planned_extract(cfg)
+    _, now, key = planned_extract(cfg, run_code=False)  # status runs no user code
     if status == "missing":
         return "extract", _entry(MISSING, f"no store at {cfg.store} yet"), None
     if status != "complete":
@@ -89,9 +89,17 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
         store.verify()
     except CorruptStoreError as e:
         return "extract", _entry(CORRUPT, str(e)), None
-    if store.attrs.get("extract_key") == key:
-        return "extract", _entry(CACHED, f"store {cfg.store} (fingerprint {store.fingerprint})"), store.fingerprint
     recorded = store.attrs.get("extract_inputs")
+    if key is None and isinstance(recorded, dict):  # a python backbone: compared without building it
+        source = now.pop("source")
+        changed = [_EXTRACT_WHAT.get(k, k) for k in now if k != "weights_hash" and now[k] != recorded.get(k)]
+        if not changed:
+            return "extract", _entry(CACHED, f"store {cfg.store} (fingerprint {store.fingerprint}); python backbone "
+                                             f"not built by status, so its weights are not compared (source "
+                                             f"{source['file']} blake2b {source['blake2b']})"), store.fingerprint
+    if key is not None and store.attrs.get("extract_key") == key:
+        return "extract", _entry(CACHED, f"store {cfg.store} (fingerprint {store.fingerprint})"), store.fingerprint
+    now.pop("source", None)
     if isinstance(recorded, dict):
         changed = [_EXTRACT_WHAT.get(k, k) for k in now if now[k] != recorded.get(k)]
         details = diff_inputs(recorded.get("backbone"), now["backbone"], "backbone.")
