@@ -212,6 +212,10 @@ def deploy(
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default longtail-<config file name>)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Register with this Prefect work pool instead of serving from this process."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) and exit."),
+    allow_config_override: bool = typer.Option(
+        False, "--allow-config-override",
+        help="Let flow runs of this deployment bring their own config (anyone who can reach the Prefect API "
+             "can then choose what the worker runs)."),
 ) -> None:
     """Schedule the full pipeline for CONFIG as a Prefect deployment (batch retraining on a cron).
 
@@ -227,7 +231,7 @@ def deploy(
     cfg = load_config(config)
     preflight(cfg, run_code=not dry_run)  # a dry run builds no python backbone (runs no user code)
     check_runner(cfg.runner)
-    dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool)
+    dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool, allow_override=allow_config_override)
     schedule = f"cron {cron!r}"
     if dry_run:
         typer.echo(f"deployment {dep.name} (flow longtail, entrypoint {dep.entrypoint}), {schedule}")
