@@ -96,13 +96,14 @@ def _run(cfg, use_prefect: bool) -> dict:
     if not use_prefect:
         return run_all(cfg)
     from longtail.flows.pipeline_flow import longtail_flow
-    from longtail.flows.runners import check_prefect_api, check_runner
+    from longtail.flows.runners import check_prefect_api, check_runner, temporary_prefect_server
 
     check_runner(cfg.runner)
     check_prefect_api()
 
     _quiet_user_errors()
-    return longtail_flow(cfg.model_dump(mode="json"))
+    with temporary_prefect_server():  # without PREFECT_API_URL: a local server that dies with this run
+        return longtail_flow(cfg.model_dump(mode="json"))
 
 
 def _pct(v, digits: int = 2) -> str:
@@ -340,11 +341,16 @@ def glt(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as Prefect flows (default) or plain Python."),
 ) -> None:
     """Run the pipeline once per generalized long-tail protocol (CLT, ALT, GLT) and compare them."""
+    import contextlib
+
+    from longtail.flows.runners import temporary_prefect_server
     from longtail.pipeline import glt as g
     from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
-    res = g.run_protocols(cfg, g.parse_protocols(protocols), run=lambda c: _run(c, prefect))
+    protos = g.parse_protocols(protocols)
+    with temporary_prefect_server() if prefect else contextlib.nullcontext():  # one server for every protocol
+        res = g.run_protocols(cfg, protos, run=lambda c: _run(c, prefect))
     _echo_table([("method", 22)] + [c for p in res["protocols"] for c in ((p.upper() + " acc", 10), ("worst", 8))],
                 [[name] + [v for p in res["protocols"] for v in (_pct(per[p]["accuracy"]), _pct(per[p]["worst_group"]))]
                  for name, per in res["methods"].items()])
