@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longtail.pipeline.config import MethodSpec, RunConfig
+from longtail.pipeline.config import MethodSpec, RunConfig, check_seed
 from longtail.pipeline.io import from_npy, npy_bytes
 from longtail.pipeline.keys import method_code_version, stable_hash, with_device, without_device
 from longtail.pipeline.requirements import provide
@@ -64,8 +64,21 @@ def resolved_params(cfg: RunConfig, spec: MethodSpec, method: Method) -> dict:
     return params
 
 
+def _check_seeds(label: str, params: dict, prefix: str = "") -> None:
+    """Every ``seed`` in a method's (nested) parameters within the generators' range."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            _check_seeds(label, value, f"{prefix}{key}.")
+        elif key == "seed":
+            try:
+                check_seed(value, f"method {label!r}: params.{prefix}seed")
+            except ValueError as e:
+                raise LongtailError(str(e)) from None
+
+
 def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
     """``spec``'s method, unfitted, with the run's seed and device, and its resolved parameters."""
+    _check_seeds(spec.label, spec.params)
     method = make_method(spec.name, spec.params, target=spec.target)
     params = resolved_params(cfg, spec, method)
     return make_method(spec.name, params, target=spec.target), params

@@ -55,6 +55,13 @@ def test_seeds_outside_the_generators_range_are_one_line(write_config, tmp_path,
     assert_user_error(invoke("status", write_config({**base, "seeds": [0, seed]})), "seed")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**70])
+def test_a_method_seed_outside_the_range_is_one_line(imported_run, write_config, tmp_path, seed):
+    cfg = write_config({"store": str(imported_run["store"]), "output": str(tmp_path / "o2"),
+                        "methods": [{"name": "ce+pc", "params": {**FAST, "seed": seed}}]}, "s.yaml")
+    assert_user_error(invoke("run", cfg, "--no-prefect"), "seed", str(seed))
+
+
 def test_an_empty_store_or_output_is_refused(tmp_path):
     for key in ("store", "output", "artifacts"):
         data = {"store": str(tmp_path / "s.zarr"), "output": str(tmp_path / "o"), "methods": ["ce"], key: ""}
