@@ -71,8 +71,8 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
     status = store_status(cfg.store, storage_options=opts)
     if cfg.dataset is None:
         if status == "complete":
-            store = open_store(cfg.store, storage_options=opts)
             try:
+                store = open_store(cfg.store, storage_options=opts)
                 store.verify()
             except CorruptStoreError as e:
                 return "import", _entry(CORRUPT, str(e)), None
@@ -84,8 +84,8 @@ def _extract_status(cfg: RunConfig) -> tuple[str, dict, str | None]:
         return "extract", _entry(MISSING, f"no store at {cfg.store} yet"), None
     if status != "complete":
         return "extract", _entry(MISSING, f"store {cfg.store} is {status} (interrupted): a run resumes it"), None
-    store = open_store(cfg.store, storage_options=opts)
     try:
+        store = open_store(cfg.store, storage_options=opts)
         store.verify()
     except CorruptStoreError as e:
         return "extract", _entry(CORRUPT, str(e)), None
