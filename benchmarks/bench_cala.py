@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     if args.dataset in ("digits-lt", "all"):
         print("digits-lt", flush=True)
         train, test = digits_sets(args.device)
-        results["digits-lt"] = _measure(train, test, {"seed": 0, "device": args.device}, args.k, args.device,
+        # epochs given: the CALA heads' default (100) is not the other heads' (30); the same for all three
+        results["digits-lt"] = _measure(train, test, {"seed": 0, "device": args.device, "epochs": 30}, args.k, args.device,
                                         args.repeats, args.repeats)
     if args.dataset in ("imagenet-lt-synthetic", "all"):
         print("imagenet-lt-synthetic", flush=True)

@@ -4,7 +4,7 @@
 Usage (from the repository root)::
 
     python benchmarks/cala_dovecrow.py                  # 3 seeds, prints the table
-    python benchmarks/cala_dovecrow.py --seeds 0 --variants   # also the reference's variants
+    python benchmarks/cala_dovecrow.py --variants       # also the ablations of each default and reading
 
 The set is :func:`longtail.stages.synthetic.dove_crow` (head class ``dove`` whose rare ``dark``
 attribute lies towards the tail class ``crow``; val and test balanced in classes and attributes).
@@ -12,7 +12,7 @@ Rows of the table, each fitted on the train split and scored on the test split (
 and worst (class, attribute) group accuracy, in %, mean over seeds):
 
 * ``logit-adjust``: the product's head at its defaults;
-* ``logit-adjust (converged)``: the same loss solved to convergence by full-batch L-BFGS on the same
+* ``logit-adjust (converged, L-BFGS)``: the same loss solved to convergence by full-batch L-BFGS on the same
   class-balanced standardised features (:func:`reference_logit_adjust`), so that a CALA margin
   over logit adjustment is not a margin over under-training;
 * ``heuristic-cala``: the product at its defaults (the neighbour table built by the method);
@@ -106,7 +106,10 @@ def _standardised(train_x: np.ndarray, train_y: np.ndarray, c: int):
 
 def reference_cala(train_x, train_y, c, *, k, tau1, tau2=1.0, smoothing=0.05, alpha=0.2, epochs=100,
                    lr=0.1, batch_size=256, weight_decay=5e-4, seed=0, absent_zero=False, self_in=True):
-    """Algorithm A-1 on a linear head: returns a function from features to logits."""
+    """Algorithm A-1 on a linear head (SGD with momentum 0.9 and a cosine schedule, as the product's
+    heads): returns a function from features to logits. ``alpha = 0``: no MixUp; ``self_in=False``
+    and ``absent_zero=True``: the neighbourhood without the sample and ``v = 0`` for a class without
+    label mass (the product's readings before issue 11, for the ablation)."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     std = _standardised(train_x, train_y, c)
@@ -117,6 +120,10 @@ def reference_cala(train_x, train_y, c, *, k, tau1, tau2=1.0, smoothing=0.05, al
         nb = nb[:, 1:]
     log_prior = torch.log(torch.bincount(y, minlength=c).double() / n)
     head = torch.nn.Linear(x.shape[1], c)
+    with torch.no_grad():  # initialised from the seed (not the global generator): reproducible in any order
+        bound = 1.0 / math.sqrt(x.shape[1])
+        head.weight.copy_((2 * torch.rand(c, x.shape[1], generator=g) - 1) * bound)
+        head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -175,40 +182,47 @@ def scores(logits: np.ndarray, labels: np.ndarray, attributes: np.ndarray, c: in
 
 
 def run_seed(seed: int, variants: bool = False) -> dict[str, tuple[float, float]]:
-    from longtail.stages.cala import default_tau1, K
+    from longtail.stages.cala import K, default_tau1
     from longtail.stages.registry import make_method
     from longtail.stages.synthetic import dove_crow
 
     data = dove_crow(seed)
     c = len(data.class_names)
     tr, te = data.splits["train"], data.splits["test"]
+    x, y = tr["features"], tr["labels"]
     train = data.feature_set("train")
+    tau1 = default_tau1(data.class_counts)
     out = {}
 
     def score(name, fn):
         out[name] = scores(fn(te["features"]), te["labels"], te["attributes"], c)
 
-    for name in ("logit-adjust", "heuristic-cala"):
-        head = make_method(name, {"seed": seed, "device": "cpu"}).fit(train)
-        score(name, head.logits)
-    score("logit-adjust (converged)", reference_logit_adjust(tr["features"], tr["labels"], c))
-    tau1 = default_tau1(data.class_counts)
-    score("reference", reference_cala(tr["features"], tr["labels"], c, k=K, tau1=tau1, seed=seed))
+    def product(name, params=None):
+        return make_method(name, {"seed": seed, "device": "cpu", **(params or {})}).fit(train).logits
+
+    score("logit-adjust", product("logit-adjust"))
+    score("logit-adjust (converged, L-BFGS)", reference_logit_adjust(x, y, c))
+    score("heuristic-cala", product("heuristic-cala"))
+    score("reference", reference_cala(x, y, c, k=K, tau1=tau1, seed=seed))
     if variants:
-        for epochs in (30, 300):
-            score(f"reference, {epochs} epochs",
-                  reference_cala(tr["features"], tr["labels"], c, k=K, tau1=tau1, seed=seed, epochs=epochs))
+        score("logit-adjust (300 epochs)", product("logit-adjust", {"epochs": 300}))
+        score("heuristic-cala, parameters before issue 11 (tau1 1.5, K 30, 30 epochs)",
+              product("heuristic-cala", {"tau1": 1.5, "k": 30, "epochs": 30}))
+        score("heuristic-cala, tau1 = 1.5", product("heuristic-cala", {"tau1": 1.5}))
+        score("heuristic-cala, 30 epochs", product("heuristic-cala", {"epochs": 30}))
         for k in (10, 40):
-            score(f"reference, K = {k}", reference_cala(tr["features"], tr["labels"], c, k=k, tau1=tau1, seed=seed))
-        score("reference, tau2 = 0", reference_cala(tr["features"], tr["labels"], c, k=K, tau1=tau1, tau2=0.0,
-                                                    seed=seed))
+            score(f"heuristic-cala, K = {k}", product("heuristic-cala", {"k": k}))
+        score("heuristic-cala, no MixUp (alpha = 0)", product("heuristic-cala", {"alpha": 0}))
+        score("cala-no-v (tau2 = 0)", product("cala-no-v"))
+        score("reference, self excluded and v = 0 without label mass (readings before issue 11)",
+              reference_cala(x, y, c, k=K, tau1=tau1, seed=seed, absent_zero=True, self_in=False))
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--variants", action="store_true", help="also the reference's epochs, K and tau2 = 0")
+    p.add_argument("--variants", action="store_true", help="also the ablations of the defaults and readings")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,6 +238,12 @@ def main(argv=None) -> None:
         worst = 100 * np.array([r[name][1] for r in per_seed])
         print(f"| `{name}` | {acc.mean():.1f} ({acc.min():.1f} to {acc.max():.1f}) "
               f"| {worst.mean():.1f} ({worst.min():.1f} to {worst.max():.1f}) |")
+    base = "logit-adjust (converged, L-BFGS)"
+    for name in ("heuristic-cala", "reference"):
+        d_acc = 100 * np.array([r[name][0] - r[base][0] for r in per_seed])
+        d_worst = 100 * np.array([r[name][1] - r[base][1] for r in per_seed])
+        print(f"`{name}` minus `{base}`, per seed: accuracy {', '.join(f'{v:+.1f}' for v in d_acc)}; "
+              f"worst group {', '.join(f'{v:+.1f}' for v in d_worst)}")
     print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} torch thread(s), torch {torch.__version__})")
 
 
