@@ -210,6 +210,7 @@ def run_seed(seed: int, variants: bool = False) -> dict[str, tuple[float, float]
               product("heuristic-cala", {"tau1": 1.5, "k": 30, "epochs": 30}))
         score("heuristic-cala, tau1 = 1.5", product("heuristic-cala", {"tau1": 1.5}))
         score("heuristic-cala, 30 epochs", product("heuristic-cala", {"epochs": 30}))
+        score("heuristic-cala, 200 epochs", product("heuristic-cala", {"epochs": 200}))
         for k in (10, 40):
             score(f"heuristic-cala, K = {k}", product("heuristic-cala", {"k": k}))
         score("heuristic-cala, no MixUp (alpha = 0)", product("heuristic-cala", {"alpha": 0}))
