@@ -20,11 +20,6 @@ How the statistics follow the training (all on the configured device, no extra p
   same-class neighbour still gets its true-class term. The table itself is unchanged (self
   excluded; Meta-CALA's characteristics read it so), so its key and parameters are too.
 
-Readings of the paper behind the defaults (issue 11, measured in ``benchmarks/cala_dovecrow.py``):
-``tau1`` from the imbalance ratio (:func:`default_tau1`; the fixed 1.5 of the CIFAR-LT experiments
-over-adjusts a 20:1 set and cost 12 points of worst-group accuracy there), ``K = 20`` from the
-paper's grid, 100 epochs (the adjustment is a fixed-point iteration refreshed once per epoch), and
-the absent-class completion of eq. 8 in :mod:`longtail.stages.losses.cala`.
 * **MixUp.** On the linear head, ``f`` is affine, so ``f(lam x_i + (1 - lam) x_j) = lam f(x_i) +
   (1 - lam) f(x_j)``: the objective computes the logits of the clean batch once and mixes them,
   which is exactly training on mixed features, and it gets the clean predictions
@@ -32,13 +27,20 @@ the absent-class completion of eq. 8 in :mod:`longtail.stages.losses.cala`.
   the mixed features themselves, its clean predictions from a second forward pass without
   gradient. One ``lam ~ Beta(alpha, alpha)`` per batch (folded to ``lam >= 1/2``, so the mixed sample
   stays closest to ``x_i``, whose neighbourhood adjusts it), partners by a random permutation of the
-  batch; the loss is ``lam l_CALA(y_i) + (1 - lam) l_CALA(y_j)``.
+  batch; the loss is ``lam l_CALA(y_i) + (1 - lam) l_CALA(y_j)``. ``alpha = 0`` turns MixUp off
+  (plain batches; ``p_mx`` is then the plain label distribution of the neighbourhood).
 * **Refresh.** The predictions ``q`` and MixUp labels of every train row are recorded in
   ``state.records`` as its batch is trained (:meth:`AdjustedMixupObjective.on_batch_end`); at the
   start of each epoch (:meth:`AdjustedMixupObjective.on_epoch_start`) the adjustment ``(N, C)`` is recomputed from the records of
   the previous epoch (every row is visited once per epoch), so ``p_pr`` follows the model epoch by
   epoch. The first epoch has no predictions yet: it trains with ``v = 0`` (``dynamic-la``: the train
   prior, i.e. logit adjustment) as a warm-up.
+
+Readings of the paper behind the defaults (issue 11, measured in ``benchmarks/cala_dovecrow.py``):
+``tau1`` from the imbalance ratio (:func:`default_tau1`; the fixed 1.5 of the CIFAR-LT experiments
+over-adjusts a 20:1 set and cost 12 points of worst-group accuracy there), ``K = 20`` from the
+paper's grid, 100 epochs (the adjustment is a fixed-point iteration refreshed once per epoch), and
+the absent-class completion of eq. 8 in :mod:`longtail.stages.losses.cala`.
 
 Which label prior do the plain logits carry (for ``+pc``)? At the optimum of eq. 5,
 ``f(x)[c] + tau1 log p_tr(c) + tau2 v(x, c) = log p_tr(c | x) + const(x)``; ``v`` estimates a ratio of
