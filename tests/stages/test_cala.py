@@ -430,3 +430,20 @@ def test_the_product_equals_the_reference_on_a_dove_crow_batch():
     yb = y[rows][torch.randperm(16, generator=g)]
     assert cala_loss(logits, y[rows], got[rows], partner_labels=yb, lam=0.8).item() == pytest.approx(
         ref.reference_loss(logits.double(), y[rows], want[rows], yb, 0.8).item(), rel=1e-5)
+
+
+def test_the_head_adjusts_with_the_table_rows_plus_the_sample_itself(train, monkeypatch):
+    """What the fit hands cala_adjustment: column 0 the row itself, then the table's first k columns
+    (the shared table stays self-excluded, so its key and Meta-CALA's reading of it are unchanged)."""
+    table = build_table(train.features, 9)
+    seen = []
+
+    def spy(neighbours, *args, **kwargs):
+        seen.append(neighbours.clone())
+        return cala_adjustment(neighbours, *args, **kwargs)
+
+    monkeypatch.setattr(cala_module, "cala_adjustment", spy)
+    make_method("heuristic-cala", {**FAST, "k": 5, "epochs": 2}).set_table(table).fit(train)
+    assert len(seen) == 1  # epoch 2 (epoch 1 is the warm-up without v)
+    np.testing.assert_array_equal(seen[0].numpy(), np.c_[np.arange(len(train.labels)), table.indices[:, :5]])
+    assert not (table.indices == np.arange(len(train.labels))[:, None]).any()
