@@ -25,21 +25,25 @@ from longtail.stages.dlsa.cascade import (
     fingerprint,
     quantile_threshold,
 )
-from longtail.stages.dlsa.diagnostics import TAIL_THRESHOLD, diagnostics
+from longtail.stages.dlsa.diagnostics import TAIL_THRESHOLD, diagnostics, flow_stopping, separation, tail_auc
 from longtail.stages.dlsa.flow import (
     ROUTE_CHUNK,
     FlowObjective,
     GaussianMixtureFlowFilter,
     MomentumPosterior,
     PairSampler,
+    ValLikelihood,
     build_maf,
     train_filter,
+    val_class_weights,
+    val_objective,
 )
-from longtail.stages.dlsa.wrapper import DLSA, ClusterAidedModule
+from longtail.stages.dlsa.wrapper import CLASSIFIER_INPUTS, DLSA, ClusterAidedModule
 
 __all__ = [
-    "CASCADE_PARAMS", "DEFAULTS", "DLSA", "ROUTE_CHUNK", "TAIL_THRESHOLD", "CascadeParams", "ClusterAidedModule",
+    "CASCADE_PARAMS", "CLASSIFIER_INPUTS", "DEFAULTS", "DLSA", "ROUTE_CHUNK", "TAIL_THRESHOLD", "CascadeParams", "ClusterAidedModule",
     "FlowCascade", "FlowObjective", "GaussianMixtureFlowFilter", "MomentumPosterior", "PairSampler", "Routing",
     "auto_num_clusters", "build_maf", "cluster_prior", "default_sigma", "diagnostics", "filter_sizes",
-    "fingerprint", "quantile_threshold", "train_filter",
+    "fingerprint", "flow_stopping", "quantile_threshold", "separation", "tail_auc", "train_filter",
+    "ValLikelihood", "val_class_weights", "val_objective",
 ]
