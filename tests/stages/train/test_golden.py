@@ -46,7 +46,7 @@ GOLDEN = {
     "cala-no-u": "0c926c9de4c4efcd",
     "cala-no-v": "73c79fce57123fc0",
     "dynamic-la": "34dd44f5adf53c51",
-    "dlsa+ce": "6feebc5676e775a9"
+    "dlsa+ce": "6f34c57f7ae04144"
 }
 
 
