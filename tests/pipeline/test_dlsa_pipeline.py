@@ -62,6 +62,7 @@ def test_dlsa_diagnostics_command(imported_run, tmp_path):
     args = [f"--set={k}={v}" for k, v in DLSA.items()]
     r = invoke("dlsa-diagnostics", imported_run["store"], "--out", out, *args)
     assert r.exit_code == 0, r.output
+    assert "AUC val" in r.output and "AUC test" in r.output
     res = json.loads((out / "dlsa_diagnostics.json").read_text())
     (diag,) = res["stores"].values()
     assert len(diag["filters"]) == 2 and res["params"]["num_clusters"] == 4
