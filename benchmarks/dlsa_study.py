@@ -14,7 +14,12 @@ same accuracies), and nothing in it asserts a time. Parts:
    set issue 11 measured DLSA on), class-balanced val (10 per class) and test (30 per class), held
    in memory as :class:`~stages.data.FeatureSet` objects. (b) ``digits-lt``: the project's
    ``digits-lt`` store (the built-in stage-1 CNN's features), extracted once by the pipeline into a
-   temporary directory (``--digits-store`` reuses one).
+   temporary directory (``--digits-store`` reuses one). (c) ``modes-20``: the case built to show
+   what the cluster-aided classifiers add: 20 classes, each a mixture of 3 Gaussian modes in
+   D = 16 (mode centres ``N(0, I)``, noise standard deviation 0.5), exponential train counts
+   300 -> 10, balanced val (20 per class) and test (50 per class): a linear head cannot draw a
+   class made of separate modes, while the flows' clusters find the modes and the cluster prior
+   ``P(y | k)`` names their class.
 2. **DLSA against its head.** For every set, seed (``--seeds``, default 0 1 2: the heads', the
    cascade's and the classifiers' seeds; the data stay fixed, as with a config's ``seeds``) and head
    ``X`` in ``ce``, ``balanced-softmax`` (their defaults): test balanced accuracy of ``X`` and of
@@ -34,12 +39,14 @@ same accuracies), and nothing in it asserts a time. Parts:
 
 Threads: ``--threads`` (default 1; on a shared 2-core machine a second intra-op thread made every
 fit slower). ``--quick`` shrinks everything for a smoke run (one seed, 3 flow epochs, no digits, no
-timing); ``--write-readme`` refuses it.
+timing); ``--write-readme`` refuses it. ``--save FILE`` keeps the measured numbers as JSON and
+``--load FILE`` renders (and writes) the section from them without measuring again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -86,6 +93,9 @@ VAL_PER_CLASS, TEST_PER_CLASS = 10, 30
 SEED = 0
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 HEADS = ("ce", "balanced-softmax")
+#: the multi-modal set: classes, modes per class, dimension, train counts, noise, val/test per class
+MODES_CLASSES, MODES_PER_CLASS, MODES_DIM, MODES_MAX, MODES_MIN, MODES_NOISE = 20, 3, 16, 300, 10, 0.5
+MODES_VAL, MODES_TEST = 20, 50
 TAIL = dlsa.TAIL_THRESHOLD  # tail classes: at most 50 train samples
 FOLDS = 3
 #: the rows of part 2 and 3: (key, label, dlsa parameters besides the seed, the cascade they use)
@@ -138,8 +148,8 @@ def _secs(x: float) -> str:
     return f"{x:.2f}" if x < 10 else (f"{x:.1f}" if x < 100 else f"{x:,.0f}")
 
 
-def _others(c: Clock) -> str:
-    return "n/a" if c.others is None else f"{c.others:.1f}"
+def _others(c: dict) -> str:
+    return "n/a" if c["others"] is None else f"{c['others']:.1f}"
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -170,6 +180,26 @@ def make_study_sets(seed: int = SEED, num_classes: int = NUM_CLASSES, dim: int =
         labels = labels[rng.permutation(len(labels))]
         features = rng.standard_normal((len(labels), dim), dtype=np.float32) + means[labels]
         out.append(FeatureSet(features, labels, counts, names, name=split, source="synthetic-lt-100"))
+    return tuple(out)
+
+
+def modes_sets(seed: int = SEED):
+    """``(train, val, test)`` of ``modes-20``: class ``c`` is a mixture of ``MODES_PER_CLASS``
+    equally likely Gaussian modes ``mu_{c,m} ~ N(0, I_D)`` (drawn once) with noise ``N(0, 0.5^2 I)``;
+    exponential train counts ``MODES_MAX -> MODES_MIN``, class-balanced val and test."""
+    counts = exponential_profile(MODES_MAX, MODES_CLASSES, MODES_MAX / MODES_MIN)
+    centres = np.random.default_rng([seed, 10]).standard_normal(
+        (MODES_CLASSES, MODES_PER_CLASS, MODES_DIM)).astype(np.float32)
+    names = tuple(f"class{c:02d}" for c in range(MODES_CLASSES))
+    sizes = {"train": counts, "val": np.full(MODES_CLASSES, MODES_VAL), "test": np.full(MODES_CLASSES, MODES_TEST)}
+    out = []
+    for split, per_class in sizes.items():
+        rng = np.random.default_rng([seed, 10 + SPLIT_IDS[split]])
+        labels = np.repeat(np.arange(MODES_CLASSES), per_class)
+        labels = labels[rng.permutation(len(labels))]
+        mode = rng.integers(MODES_PER_CLASS, size=len(labels))
+        noise = rng.standard_normal((len(labels), MODES_DIM), dtype=np.float32) * np.float32(MODES_NOISE)
+        out.append(FeatureSet(noise + centres[labels, mode], labels, counts, names, name=split, source="modes-20"))
     return tuple(out)
 
 
@@ -325,8 +355,10 @@ def run_timing(device: str, threads: int, quick: bool) -> dict:
     overhead_s = c_fit.seconds - epoch_s  # moments, standardisation, fingerprint, filter 1's evaluation
     extrapolated = (overhead_s + epoch_s * defaults.params.flow_epochs * reach
                     + c_route.seconds * (reach - 1.0))  # filters 2..F evaluate their n_f samples
+    as_dict = (lambda c: {"seconds": c.seconds, "others": c.others})  # JSON-able (--save)
     return {"rows": len(train), "dim": train.dim, "classes": train.num_classes, "gen_s": gen_s,
-            "k": cascade.num_clusters_, "epoch": epoch_s, "fit": c_fit, "route": c_route, "plain": c_plain,
+            "k": cascade.num_clusters_, "epoch": epoch_s, "fit": as_dict(c_fit), "route": as_dict(c_route),
+            "plain": as_dict(c_plain),
             "overhead_s": overhead_s, "reach": reach, "extrapolated_s": extrapolated,
             "default_filters": defaults.params.num_filters, "default_epochs": defaults.params.flow_epochs,
             "hidden": cascade.params.flow_hidden, "batch": cascade.params.flow_batch_size, "threads": threads}
@@ -397,6 +429,12 @@ def render_sets(sets: list[dict]) -> list[str]:
             auc = " | ".join("n/a" if c["auc"] is None else f"{c['auc']:.3f}" for c in cells)
             out = " | ".join(f"{_pct(c['tail_out_rate'])} / {_pct(c['head_out_rate'])}" for c in cells)
             lines.append(f"| {s['name']} | {f + 1} | {auc} | {out} | {stop['best_epoch']} of {stop['epochs_run']} |")
+    lines += ["", "Fit seconds, mean over seeds (a shared 2-core machine; one torch thread): "
+              + "; ".join(f"{s['name']}: cascade {_secs(statistics.fmean(s['timing']['cascade']))}, cross-fitted "
+                          f"cascade {_secs(statistics.fmean(s['timing']['cf']))}, "
+                          + ", ".join(f"`{h}` {_secs(statistics.fmean(s['timing']['head'][h]))} + DLSA classifiers "
+                                      f"{_secs(statistics.fmean(s['timing']['dlsa'][h]))}" for h in HEADS)
+                          for s in sets) + "."]
     return lines
 
 
@@ -445,18 +483,23 @@ def paragraph(sets: list[dict]) -> str:
         "**Separation.** Filter 1's tail-vs-head AUC on train / val / test: " + "; ".join(seps) + "."
         + (" On unseen samples (val, test) the likelihood barely tells tail from head classes (AUC within 0.1 of "
            "0.5): the routes carry no head/tail information to the classifiers." if weak else ""))
-    names = " and ".join(f"`{s['name']}`" for s in sets)
-    parts.append(
-        f"**Where DLSA helps and where it does not.** On {names} "
-        + ("the cluster-aided classifiers, each trained on the third of the data its filter sends out, do not beat "
-           "the head on the val samples routed to them, and the gate keeps the head: DLSA adds cost, not accuracy. "
-           if opened == 0 else
-           "some groups' cluster-aided classifiers beat the head on val and are kept; the table above says at what "
-           "cost or gain on test. ")
-        + "The gains of paper 004 come from large backbone features (ImageNet-LT, Places-LT) whose likelihood "
-          "separates head from tail classes on unseen samples. Run `longtail dlsa-diagnostics` on a store first: "
-          "a val/test AUC near 0.5 says the flows cannot find the tail there, and the report's \"DLSA choices made "
-          "on val\" table says whether any group kept its classifier.")
+    gain = [s for s in sets if any(sum(s["choices"][h]["open"]) for h in HEADS)]
+    none = [s for s in sets if s not in gain]
+    tick = (lambda group: " and ".join(f"`{s['name']}`" for s in group))
+    text = "**Where DLSA helps and where it does not.** "
+    if none:
+        text += (f"On {tick(none)} the cluster-aided classifiers, each trained on the part of the data its filter "
+                 "sends out, do not beat the head on the val samples routed to them, and the gate keeps the head: "
+                 "DLSA adds cost, not accuracy. ")
+    if gain:
+        text += (f"On {tick(gain)} val keeps cluster-aided classifiers, and `dlsa+X` moves "
+                 + "; ".join(f"`{h}` {s['name']} {_delta(s['results'][h], 'default'):+.1f}" for s in gain for h in HEADS)
+                 + " points from `X` on test: there the flows' clusters capture structure a linear head cannot "
+                   "(a class made of separate modes) and the cluster prior `P(y | k)` supplies it. ")
+    text += ("The gains of paper 004 come from large backbone features (ImageNet-LT, Places-LT). Run "
+             "`longtail dlsa-diagnostics` on a store first and read the report's \"DLSA choices made on val\" "
+             "table: if no group keeps its classifier, DLSA is the head at a higher cost.")
+    parts.append(text)
     return " ".join(parts)
 
 
@@ -474,14 +517,21 @@ def render(sets: list[dict], tim: dict | None, args, total_s: float) -> str:
             f"`digits-lt`: the store the pipeline extracts with the built-in CNN ({dig['n'][0]:,} / {dig['n'][1]:,} / "
             f"{dig['n'][2]:,} train / val / test rows, D = {dig['dim']}); tail = at most {dig['tail']} train samples "
             f"(the rarer half of the classes).")
+    mod = next((s for s in sets if s["name"] == "modes-20"), None)
+    if mod is not None:
+        lines.append(
+            f"`modes-20` (built to show what the cluster prior adds): {MODES_CLASSES} classes, each a mixture of "
+            f"{MODES_PER_CLASS} Gaussian modes in D = {MODES_DIM} (centres N(0, I), noise sd {MODES_NOISE}), "
+            f"exponential train counts {MODES_MAX} -> {MODES_MIN} ({mod['n'][0]:,} rows), balanced val {MODES_VAL} and "
+            f"test {MODES_TEST} per class; tail = at most {mod['tail']} train samples.")
     lines.append(
         "Heads at their defaults; DLSA at its defaults (3 filters, fraction 0.3, at most "
-        f"{args.flow_epochs or dlsa.FLOW_EPOCHS} flow epochs stopped on val likelihood with patience "
+        f"{args.flow_epochs or dlsa.DEFAULTS.flow_epochs} flow epochs stopped on val likelihood with patience "
         f"{dlsa.DEFAULTS.patience}, hidden {dlsa.DEFAULTS.flow_hidden}, K automatic, `classifier_input: auto`, "
         "`gate: true`) but for the parameters each row names.")
     lines += [""] + render_sets(sets)
     if tim is not None:
-        plain = tim["plain"].seconds
+        plain = tim["plain"]["seconds"]
         ratio = (lambda s: f"{s / plain:.1f}x") if plain > 0 else (lambda s: "n/a")  # guards a zero baseline
         lines += [
             "",
@@ -496,10 +546,10 @@ def render(sets: list[dict], tim: dict | None, args, total_s: float) -> str:
             f"| plain linear CE head, 1 epoch (baseline) | {_secs(plain)} | 1.0x | {_others(tim['plain'])} |",
             f"| flow filter, 1 epoch (`train_filter`) | {_secs(tim['epoch'])} | {ratio(tim['epoch'])} | "
             f"{_others(tim['fit'])} |",
-            f"| `FlowCascade.fit`, 1 filter x 1 epoch (whole fit) | {_secs(tim['fit'].seconds)} | "
-            f"{ratio(tim['fit'].seconds)} | {_others(tim['fit'])} |",
-            f"| routing the train split through 1 filter | {_secs(tim['route'].seconds)} | "
-            f"{ratio(tim['route'].seconds)} | {_others(tim['route'])} |",
+            f"| `FlowCascade.fit`, 1 filter x 1 epoch (whole fit) | {_secs(tim['fit']['seconds'])} | "
+            f"{ratio(tim['fit']['seconds'])} | {_others(tim['fit'])} |",
+            f"| routing the train split through 1 filter | {_secs(tim['route']['seconds'])} | "
+            f"{ratio(tim['route']['seconds'])} | {_others(tim['route'])} |",
             f"| **extrapolated, not measured**: default cascade, {tim['default_filters']} filters x at most "
             f"{tim['default_epochs']} epochs | ~{_secs(tim['extrapolated_s'])} "
             f"(~{tim['extrapolated_s'] / 60:.0f} min) | ~{ratio(tim['extrapolated_s'])} | |",
@@ -552,7 +602,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--timing-threads", type=int, default=1, help="torch threads for the timing (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--sets", nargs="+", default=["synthetic-100", "digits-lt"], choices=["synthetic-100", "digits-lt"])
+    p.add_argument("--sets", nargs="+", default=["synthetic-100", "digits-lt", "modes-20"],
+                   choices=["synthetic-100", "digits-lt", "modes-20"])
+    p.add_argument("--save", default=None, help="write the measured numbers to this JSON file")
+    p.add_argument("--load", default=None, help="render from numbers saved with --save (no measuring)")
     p.add_argument("--digits-store", default=None, help="a directory for (or with) the digits-lt store")
     p.add_argument("--flow-epochs", type=int, default=None, help="at most this many flow epochs (default DLSA's)")
     p.add_argument("--skip-timing", action="store_true", help="leave out the ImageNet-LT-shaped timing")
@@ -561,7 +614,8 @@ def parse_args(argv=None):
     if args.quick and args.write_readme:
         p.error("--quick numbers do not go into the README")
     if args.quick:
-        args.seeds, args.flow_epochs, args.sets, args.skip_timing = [0], 3, ["synthetic-100"], True
+        args.seeds, args.flow_epochs, args.skip_timing = [0], 3, True
+        args.sets = [s for s in args.sets if s != "digits-lt"]
     return args
 
 
@@ -570,12 +624,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)
-    sets = []
-    for name in args.sets:
-        data = make_study_sets() if name == "synthetic-100" else digits_sets(args.digits_store)
-        sets.append(run_set(name, data, args.seeds, args.device, args.flow_epochs))
-    tim = None if args.skip_timing else run_timing(args.device, args.timing_threads, False)
-    section = render(sets, tim, args, time.perf_counter() - t0)
+    if args.load:
+        with open(args.load, encoding="utf-8") as f:
+            saved = json.load(f)
+        sets, tim, total_s, args.flow_epochs = saved["sets"], saved["timing"], saved["total_s"], saved["flow_epochs"]
+    else:
+        sets = []
+        for name in args.sets:
+            data = (make_study_sets() if name == "synthetic-100" else modes_sets() if name == "modes-20"
+                    else digits_sets(args.digits_store))
+            sets.append(run_set(name, data, args.seeds, args.device, args.flow_epochs))
+        tim = None if args.skip_timing else run_timing(args.device, args.timing_threads, False)
+        total_s = time.perf_counter() - t0
+        if args.save:
+            with open(args.save, "w", encoding="utf-8") as f:
+                json.dump({"sets": sets, "timing": tim, "total_s": total_s, "flow_epochs": args.flow_epochs}, f)
+    section = render(sets, tim, args, total_s)
     print(section)
     if args.write_readme:
         write_readme(section)
