@@ -699,3 +699,34 @@ def test_cross_fitted_routes_come_from_flows_that_did_not_see_the_sample(data, v
         int((cascade.oof_stage_ == f).sum()) for f in range(2)]
     again = make_method("dlsa+ce", {**HEAD, "dlsa": params}).load_state_dict(method.state_dict())
     np.testing.assert_array_equal(again.logits(xt), method.logits(xt))
+
+
+def _modes(seed, num_classes=6, modes=2, dim=4, n_max=120, n_min=12):
+    """Classes made of ``modes`` separate Gaussian modes (centres ``1.5 N(0, I)``, noise sd 0.4),
+    exponential train counts, balanced val (20) and test (40) per class."""
+    c = np.arange(num_classes)
+    counts = np.floor(n_max * (n_min / n_max) ** (c / (num_classes - 1)) + 0.5).astype(int)
+    centres = np.random.default_rng([seed, 0]).normal(size=(num_classes, modes, dim)) * 1.5
+    out = []
+    for sid, per in ((1, counts), (2, np.full(num_classes, 20)), (3, np.full(num_classes, 40))):
+        rng = np.random.default_rng([seed, sid])
+        y = np.repeat(c, per)
+        m = rng.integers(modes, size=len(y))
+        x = (rng.normal(size=(len(y), dim)) * 0.4 + centres[y, m]).astype(np.float32)
+        out.append(FeatureSet(x, y, counts, tuple(f"c{i}" for i in c), name=("train", "val", "test")[sid - 1]))
+    return out
+
+
+def test_dlsa_beats_its_head_where_classes_are_made_of_separate_modes():
+    """The paper's claim on a case built for it: a linear head cannot draw a class made of two
+    distant modes; the flows' clusters find the modes and the cluster prior P(y | k) names their
+    class, so the val gate keeps the cluster-aided classifiers and DLSA beats its head on test.
+    Seeds 0-3 of this set gave +7.1, +19.6, +11.7 and +28.3 points of test balanced accuracy."""
+    train, val, test = _modes(seed=2)
+    head = make_method("ce", {"epochs": 20, "batch_size": 32, "seed": 0, "device": "cpu"}).fit(train, val)
+    method = make_method("dlsa+ce", {"epochs": 20, "batch_size": 32, "seed": 0, "device": "cpu",
+                                     "dlsa": {"flow_hidden": 32, "flow_epochs": 15, "flow_batch_size": 64,
+                                              "num_clusters": 12, "device": "cpu"}})
+    method = method.with_base(Frozen(head)).fit(train, val)
+    assert any(g["uses"] == "classifier" for g in method.selection()["groups"])
+    assert _val_balanced_accuracy(method, test) > _val_balanced_accuracy(head, test) + 0.05
