@@ -11,7 +11,8 @@ on train. Given the val split, each filter stops training on val likelihood (bes
 records **cross-fitted routes** of the train samples: the train split is cut into that many
 class-stratified folds, a cascade with the same parameters is fitted on all folds but one, and the
 held-out fold is routed by it, so that every train sample gets the route, cluster and cluster prior
-of flows that never saw it, as a test sample does (not in the paper; issue 11). The cascade is an object of its own, fitted once and shared by every wrapped head on the
+of flows that never saw it, as a test sample does (not in the paper; issue 11). The cascade is an
+object of its own, fitted once and shared by every wrapped head on the
 same features (the paper reuses one trained filter for all its classifiers). Its hyper-parameters
 and their defaults are one frozen dataclass, :class:`CascadeParams`.
 """
