@@ -328,8 +328,8 @@ class DLSA(Wrapper):
         """The val choices (class docstring): the input, then the gate of each group.
 
         Per group ``f`` and candidate, the score is ``sum_{val i in f} correct_i / m_{y_i}`` (``m``:
-        val samples per class), so that the scores of the groups add up to ``C x`` the val balanced
-        accuracy of the combined classifier. The input whose gated DLSA scores higher is kept (ties:
+        val samples per class), so that the scores of the groups add up to the val balanced accuracy of
+        the combined classifier times the number of classes in val. The input whose gated DLSA scores higher is kept (ties:
         ``x``); a group uses its classifier only if it scores strictly above the head there."""
         nf = len(cascade.filters_)
         empty = train_samples == 0
@@ -342,6 +342,7 @@ class DLSA(Wrapper):
         labels = torch.as_tensor(val.labels)
         per_class = torch.bincount(labels, minlength=self.num_classes_).double()
         w = 1.0 / per_class[labels]  # every val label has a count >= 1
+        present = int((per_class > 0).sum())  # >= 1: val has labels (checked by fit)
         route = cascade.route(val.features)
         stage = route.stage.cpu()
         head_ok = torch.as_tensor(self.base.logits(val.features).argmax(1)) == labels
@@ -363,7 +364,7 @@ class DLSA(Wrapper):
             gate = (scores > head_score) & ~empty if self.gate else ~empty
             rest = (w * head_ok)[stage == nf].sum()
             total = float(torch.where(gate, scores, head_score).sum() + rest)
-            val_score[INPUT_CODES[kind]] = total / self.num_classes_
+            val_score[INPUT_CODES[kind]] = total / present  # the val balanced accuracy
             if best is None or total > best[0]:  # strictly better: ties keep the first ("x")
                 best = (total, kind, scores, gate)
         _, kind, scores, gate = best

@@ -598,7 +598,7 @@ def test_separation_on_any_split_recounts_the_routing(data, cascade):
 
 def _val_balanced_accuracy(method, val):
     pred = method.logits(val.features).argmax(1)
-    return float(np.mean([(pred[val.labels == c] == c).mean() for c in range(val.num_classes)]))
+    return float(np.mean([(pred[val.labels == c] == c).mean() for c in np.unique(val.labels)]))
 
 
 def test_the_classifier_input_is_chosen_on_val_and_scores_are_val_balanced_accuracies(data, val, cascade):
@@ -617,6 +617,12 @@ def test_the_classifier_input_is_chosen_on_val_and_scores_are_val_balanced_accur
     chosen = "xz" if scores["xz"] > scores["x"] else "x"  # ties keep x
     assert auto["chosen"] == chosen
     np.testing.assert_array_equal(fits["auto"].logits(xt), fits[chosen].logits(xt))
+    # a val split without some classes: the balanced accuracy over the classes it has
+    part = FeatureSet(val.features[val.labels < 8], val.labels[val.labels < 8], val.class_counts, val.class_names,
+                      name="val")
+    fitted = make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_input": "x"}}).with_base(
+        Frozen(head)).set_cascade(cascade).fit(train, part)
+    assert fitted.selection()["classifier_input"]["val_score"]["x"] == pytest.approx(_val_balanced_accuracy(fitted, part))
     # the test split plays no part: the choice is recorded at fit time, before any test sample is seen
     assert fits["auto"].selection() == make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).with_base(
         Frozen(head)).set_cascade(cascade).fit(train, val).selection()
