@@ -232,7 +232,8 @@ def balanced(method, split: FeatureSet) -> float:
     return float(np.mean([(pred[split.labels == c] == c).mean() for c in np.unique(split.labels)]))
 
 
-def run_set(name: str, sets, seeds: list[int], device: str, flow_epochs: int | None) -> dict:
+def run_set(name: str, sets, seeds: list[int], device: str, flow_epochs: int | None,
+            head_epochs: int | None = None) -> dict:
     train, val, test = sets
     tail = tail_threshold(train)
     _log(f"[{name}] {len(train):,} train, {len(val):,} val, {len(test):,} test, D = {train.dim}, "
@@ -260,15 +261,15 @@ def run_set(name: str, sets, seeds: list[int], device: str, flow_epochs: int | N
             separation = {s: dlsa.separation(plain, split, train.class_counts, tail)
                           for s, split in (("train", train), ("val", val), ("test", test))}
             flows = dlsa.flow_stopping(plain)
+        head_params = {"seed": seed, "device": device, **({} if head_epochs is None else {"epochs": head_epochs})}
         for head_name in HEADS:
             with Clock() as c:
-                head = make_method(head_name, {"seed": seed, "device": device}).fit(train, val)
+                head = make_method(head_name, head_params).fit(train, val)
             timing["head"][head_name].append(c.seconds)
             results[head_name]["head"]["test"].append(balanced(head, test))
             results[head_name]["head"]["val"].append(balanced(head, val))
             for key, _, params, which in VARIANTS:
-                method = make_method(f"dlsa+{head_name}", {"seed": seed, "device": device,
-                                                            "dlsa": {**base, **params}})
+                method = make_method(f"dlsa+{head_name}", {**head_params, "dlsa": {**base, **params}})
                 with Clock() as c:
                     method = method.with_base(Frozen(head)).set_cascade(cascades[which]).fit(train, val)
                 if key == "default":
@@ -549,7 +550,8 @@ def render(sets: list[dict], tim: dict | None, args, total_s: float) -> str:
             f"exponential train counts {MODES_MAX} -> {MODES_MIN} ({mod['n'][0]:,} rows), balanced val {MODES_VAL} and "
             f"test {MODES_TEST} per class; tail = at most {mod['tail']} train samples.")
     lines.append(
-        "Heads at their defaults; DLSA at its defaults (3 filters, fraction 0.3, at most "
+        ("Heads at their defaults" if args.head_epochs is None else f"Heads at `epochs: {args.head_epochs}`")
+        + "; DLSA at its defaults (3 filters, fraction 0.3, at most "
         f"{args.flow_epochs or dlsa.DEFAULTS.flow_epochs} flow epochs stopped on val likelihood with patience "
         f"{dlsa.DEFAULTS.patience}, hidden {dlsa.DEFAULTS.flow_hidden}, K automatic, `classifier_input: auto`, "
         "`gate: true`) but for the parameters each row names.")
@@ -632,11 +634,13 @@ def parse_args(argv=None):
     p.add_argument("--load", default=None, help="render from numbers saved with --save (no measuring)")
     p.add_argument("--digits-store", default=None, help="a directory for (or with) the digits-lt store")
     p.add_argument("--flow-epochs", type=int, default=None, help="at most this many flow epochs (default DLSA's)")
+    p.add_argument("--head-epochs", type=int, default=None,
+                   help="the heads' epochs (default theirs); the README's section is written at the defaults")
     p.add_argument("--skip-timing", action="store_true", help="leave out the ImageNet-LT-shaped timing")
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, 3 flow epochs, no digits, no timing")
     args = p.parse_args(argv)
-    if args.quick and args.write_readme:
-        p.error("--quick numbers do not go into the README")
+    if (args.quick or args.head_epochs is not None) and args.write_readme:
+        p.error("--quick and --head-epochs numbers do not go into the README")
     if args.quick:
         args.seeds, args.flow_epochs, args.skip_timing = [0], 3, True
         args.sets = [s for s in args.sets if s != "digits-lt"]
@@ -657,7 +661,7 @@ def main(argv=None) -> int:
         for name in args.sets:
             data = (make_study_sets() if name == "synthetic-100" else modes_sets() if name == "modes-20"
                     else digits_sets(args.digits_store))
-            sets.append(run_set(name, data, args.seeds, args.device, args.flow_epochs))
+            sets.append(run_set(name, data, args.seeds, args.device, args.flow_epochs, args.head_epochs))
         tim = None if args.skip_timing else run_timing(args.device, args.timing_threads, False)
         total_s = time.perf_counter() - t0
         if args.save:
