@@ -326,10 +326,15 @@ def dlsa_diagnostics(
 
     params = parse_set(set_ or [])
     res = run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
-    _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8)],
+    auc = (lambda diag, split, i: "n/a" if split not in diag.get("separation", {})
+           or diag["separation"][split]["filters"][i]["auc"] is None
+           else f"{diag['separation'][split]['filters'][i]['auc']:.3f}")  # tail-vs-head AUC per split
+    _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8),
+                 ("AUC train", 10), ("AUC val", 9), ("AUC test", 9)],
                 [[url[-40:], str(f["filter"]), _pct(f["tail_share_in"], 1), _pct(f["separation_accuracy"], 1),
                   "n/a" if f["cluster_size_entropy_ratio"] is None else f"{f['cluster_size_entropy_ratio']:.3f}",
-                  f"{f['mean_purity']:.3f}"] for url, diag in res["stores"].items() for f in diag["filters"]])
+                  f"{f['mean_purity']:.3f}", auc(diag, "train", i), auc(diag, "val", i), auc(diag, "test", i)]
+                 for url, diag in res["stores"].items() for i, f in enumerate(diag["filters"])])
     typer.echo(f"written: {os.path.join(out, 'dlsa_diagnostics.json')}")
 
 

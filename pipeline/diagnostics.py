@@ -1,7 +1,9 @@
 """``longtail dlsa-diagnostics``: head-tail separability of each store's features (paper 004's
 "feature evaluation"), from the diagnostics a method declares once its shared artifacts are
-attached: for DLSA, its flow cascade, fitted (or reused) once per store with the same parameters;
-no classifier is trained."""
+attached: for DLSA, its flow cascade, fitted (or reused) once per store with the same parameters
+(its flows stopped on the val split's likelihood when the store has one); no classifier is trained.
+The separation is reported on train, val and test (``separation``): on train the flows score the
+samples they were fitted on, so only val and test say how separable unseen features are."""
 
 from __future__ import annotations
 
@@ -47,9 +49,12 @@ def run_dlsa_diagnostics(stores: list[str], out_dir: str, params: dict | None = 
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     for i, (cfg, info) in enumerate(zip(cfgs, infos)):
         method, resolved = build_method(cfg, cfg.methods[0])
-        train = open_features(cfg, info).read("train")  # once: the artifacts and the diagnostics
+        fs = open_features(cfg, info)
+        train = fs.read("train")  # once: the artifacts and the diagnostics
         seconds = sum(provide(cfg, req, info, train=train) for req in method.requirements())
-        diag = dict((method.diagnostics(train) or {})[SECTION])
+        others = {s: fs.read(s) for s in ("val", "test") if s in fs.splits}
+        others = {s: split for s, split in others.items() if split.labels is not None}
+        diag = dict((method.diagnostics(train, **others) or {})[SECTION])
         diag["fit_seconds"] = seconds
         out["params"] = without_device(resolved[wrapper])
         out["stores"][info.url] = diag

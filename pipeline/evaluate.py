@@ -100,11 +100,11 @@ def declares_diagnostics(method: Method) -> bool:
     return any(type(m).diagnostics is not Method.diagnostics for m in method.chain())
 
 
-def method_diagnostics(method: Method, train) -> dict[str, Any]:
+def method_diagnostics(method: Method, train, val=None, test=None) -> dict[str, Any]:
     """``{metrics.json section: payload}`` of every method of the chain (the outermost wins a section)."""
     out: dict[str, Any] = {}
     for m in method.chain():
-        for section, payload in (m.diagnostics(train) or {}).items():
+        for section, payload in (m.diagnostics(train, val=val, test=test) or {}).items():
             out.setdefault(section, payload)
     return out
 
@@ -168,7 +168,7 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
                 val_logits=val_logits, val_labels=val_labels, ratios=e.shift_ratios, seed=cfg.seed)
         if declares_diagnostics(method):
             train = train if train is not None else fs.read("train")  # read once for every method
-            for section, payload in method_diagnostics(method, train).items():
+            for section, payload in method_diagnostics(method, train, val, test).items():
                 sections.setdefault(section, {})[r.name] = payload
     if label_shift:
         metrics["label_shift"] = label_shift

@@ -55,8 +55,12 @@ def run_requirement(cfg: RunConfig, req, store: StoreInfo, force: bool = False,
         return RequirementResult(req.kind, key, True, float(artifacts.read_meta(req.kind, key)["build_seconds"]))
     if train is None:
         train = open_features(cfg, store).read("train")
+    val = None
+    if req.with_val:  # e.g. a DLSA cascade stops its flows on val likelihood
+        fs = open_features(cfg, store)
+        val = fs.read("val") if "val" in fs.splits else None
     t0 = time.perf_counter()
-    built = req.build(train)
+    built = req.build(train, val) if req.with_val else req.build(train)
     seconds = time.perf_counter() - t0
     tensors, meta = req.save(built)
     artifacts.write(req.kind, key, {FILE: save_tensors(tensors)},

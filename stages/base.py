@@ -76,6 +76,7 @@ class Requirement:
     save: Callable[[Any], tuple[dict[str, torch.Tensor], dict]]  #: -> (tensors, JSON meta)
     load: Callable[[dict[str, torch.Tensor], dict], Any]  #: the reverse of ``save``
     attach: Callable[[Any], None]  #: hands the built or loaded object to the method, before fit
+    with_val: bool = False  #: ``build(train, val)``: also given the val split (``None`` when the store has none)
 
 
 #: ``FeatureSet.meta`` keys copied into :attr:`FitContext.provenance`
@@ -141,9 +142,11 @@ class Method:
         base needs nothing more)."""
         return [r for m in self._unfrozen() for r in m._requirements()]
 
-    def diagnostics(self, train: FeatureSet) -> dict[str, Any] | None:
+    def diagnostics(self, train: FeatureSet, val: FeatureSet | None = None,
+                    test: FeatureSet | None = None) -> dict[str, Any] | None:
         """Extra report sections of a fitted method, ``{section: {...}}`` keyed by the
-        ``metrics.json`` section they go under; ``None`` (the default) when there are none."""
+        ``metrics.json`` section they go under; ``None`` (the default) when there are none.
+        ``val`` and ``test`` (when the store has them) are for figures measured on every split."""
         return None
 
     # ------------------------------------------------------------------ public API
@@ -388,8 +391,9 @@ class Frozen(Method):
     def logit_prior(self) -> np.ndarray:
         return self.inner.logit_prior()
 
-    def diagnostics(self, train: FeatureSet) -> dict[str, Any] | None:
-        return self.inner.diagnostics(train)
+    def diagnostics(self, train: FeatureSet, val: FeatureSet | None = None,
+                    test: FeatureSet | None = None) -> dict[str, Any] | None:
+        return self.inner.diagnostics(train, val=val, test=test)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.state_dict()

@@ -331,7 +331,8 @@ def plot_group_accuracy(
 # ---------------------------------------------------------------------------------- report
 def plot_dlsa(diag: Mapping[str, Any], method_name: str, path: str | os.PathLike) -> Path:
     """DLSA filter diagnostics (``stages.dlsa.diagnostics``): cluster sizes per filter (sorted,
-    largest first) and, per filter, separation accuracy against the tail share it receives."""
+    largest first) and, per filter, the tail-vs-head AUC of its likelihood on train, val and test
+    (``separation``; without it, separation accuracy against the tail share it receives)."""
     fig = _new_figure(10.5, 4.0)
     ax_sizes, ax_sep = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
     filters = diag["filters"]
@@ -347,12 +348,23 @@ def plot_dlsa(diag: Mapping[str, Any], method_name: str, path: str | os.PathLike
     ax_sizes.grid(alpha=0.3)
     ax_sizes.legend(fontsize=8)
     x = np.arange(len(filters))
-    tail_in = [100 * (f["tail_share_in"] or 0.0) for f in filters]
-    sep = [100 * (f["separation_accuracy"] or 0.0) for f in filters]
-    ax_sep.bar(x - 0.2, tail_in, width=0.4, color="#bbbbbb", label="tail share reaching the filter")
-    ax_sep.bar(x + 0.2, sep, width=0.4, color="#3b6ea8", label="tail share sent out (separation)")
+    by_split = diag.get("separation") or {}
+    if by_split:  # the tail-vs-head AUC of each filter's likelihood on every split (0.5: no separation)
+        width = 0.8 / len(by_split)
+        colours = {"train": "#bbbbbb", "val": "#e0a040", "test": "#3b6ea8"}
+        for i, (split, sep) in enumerate(by_split.items()):
+            auc = [np.nan if f["auc"] is None else f["auc"] for f in sep["filters"]]
+            ax_sep.bar(x - 0.4 + width * (i + 0.5), auc, width=width, color=colours.get(split), label=split)
+        ax_sep.axhline(0.5, color="#444444", lw=0.8, ls="--")
+        ax_sep.set_ylim(0, 1)
+        ax_sep.set_ylabel("AUC of the likelihood, tail vs head")
+    else:
+        tail_in = [100 * (f["tail_share_in"] or 0.0) for f in filters]
+        sep = [100 * (f["separation_accuracy"] or 0.0) for f in filters]
+        ax_sep.bar(x - 0.2, tail_in, width=0.4, color="#bbbbbb", label="tail share reaching the filter")
+        ax_sep.bar(x + 0.2, sep, width=0.4, color="#3b6ea8", label="tail share sent out (separation)")
+        ax_sep.set_ylabel("% of samples from tail classes")
     ax_sep.set_xticks(x, [f"filter {f['filter']}" for f in filters])
-    ax_sep.set_ylabel("% of samples from tail classes")
     ax_sep.set_title(f"Head-tail separation (tail: <= {diag['tail_threshold']} train samples)")
     ax_sep.legend(fontsize=8)
     ax_sep.grid(axis="y", alpha=0.3)

@@ -54,7 +54,7 @@ def group_section(metrics: dict) -> dict | None:
 
 
 def dlsa_section(metrics: dict) -> dict | None:
-    """The table of ``metrics.json``'s ``dlsa`` section (per method, per flow filter), or None."""
+    """The table of ``metrics.json``'s ``dlsa`` section (per method, per flow filter, train split), or None."""
     dlsa = metrics.get("dlsa") or {}
     if not dlsa:
         return None
@@ -70,11 +70,75 @@ def dlsa_section(metrics: dict) -> dict | None:
         "text": f"Per filter on the train split (paper 004): separation accuracy is the share of tail-class "
                 f"samples (at most {first['tail_threshold']} train samples) among those the filter sends to "
                 "its cluster-aided classifier; it beats the tail share of the samples reaching the filter "
-                "when the filter enriches tail samples. Entropy ratio: cluster-size entropy over log K "
+                "when the filter enriches tail samples. The flows were fitted on these very samples: the train "
+                "figures measure how well they fit them; the next table compares unseen samples (val, test). "
+                "Entropy ratio: cluster-size entropy over log K "
                 f"(1 = balanced clusters), K = {first['num_clusters']}. Purity: mean share of a cluster's "
                 "largest class.",
         "columns": ["Filter", "In", "Out", "Tail share in (%)", "Separation (%)", "Entropy ratio",
                     "Purity", "Empty clusters"],
+        "rows": rows,
+    }
+
+
+def dlsa_separation_section(metrics: dict) -> dict | None:
+    """Head-tail separation of each DLSA cascade on train, val and test (``dlsa.METHOD.separation``)."""
+    dlsa = {n: d for n, d in (metrics.get("dlsa") or {}).items() if d.get("separation")}
+    if not dlsa:
+        return None
+    splits = [s for s in ("train", "val", "test") if any(s in d["separation"] for d in dlsa.values())]
+    rows = []
+    for name, diag in dlsa.items():
+        sep = diag["separation"]
+        for f in range(len(diag["filters"])):
+            cells = {s: sep[s]["filters"][f] if s in sep else None for s in splits}
+            rows.append([f"{name}: filter {f + 1}"]
+                        + [_f(c["auc"], 3) if c else "n/a" for c in cells.values()]
+                        + [f"{pct(c['tail_out_rate'])} / {pct(c['head_out_rate'])}" if c else "n/a"
+                           for c in cells.values()])
+    first = next(iter(dlsa.values()))
+    return {
+        "title": "DLSA head-tail separation on train, val and test",
+        "text": "How well each flow filter's likelihood tells tail-class samples (at most "
+                f"{first['tail_threshold']} train samples) from head-class samples among the samples that reach "
+                "it. AUC: the probability that a random tail sample has a higher likelihood than a random head "
+                "sample (0.5 = no separation), which does not depend on a split's tail share. Out rates: the "
+                "share of the tail / head samples reaching the filter that it sends to its classifier. On train "
+                "the flows score the samples they were fitted on (memorisation shows as a train figure above "
+                "val and test); val and test say how separable unseen features are.",
+        "columns": ["Filter"] + [f"AUC {s}" for s in splits] + [f"Tail / head out (%) {s}" for s in splits],
+        "rows": rows,
+    }
+
+
+def dlsa_choice_section(metrics: dict) -> dict | None:
+    """What val decided in each fitted DLSA (``classifier_input``, ``groups``), or None."""
+    dlsa = {n: d for n, d in (metrics.get("dlsa") or {}).items() if d.get("groups")}
+    if not dlsa:
+        return None
+    rows = []
+    for name, diag in dlsa.items():
+        ci = diag["classifier_input"]
+        scores = ", ".join(f"{k} {pct(v)}" for k, v in ci["val_score"].items() if v is not None)
+        stops = {s["filter"]: s for s in diag.get("flow", [])}
+        for g in diag["groups"]:
+            stop = stops.get(g["filter"])
+            rows.append([f"{name}: filter {g['filter']}",
+                         f"{ci['chosen']} ({ci['setting']}{'; val ' + scores if scores else ''})",
+                         f"{stop['best_epoch']} of {stop['epochs_run']}" if stop else "n/a",
+                         str(g["train_samples"]), str(g["val_samples"]),
+                         pct(g["classifier_val_accuracy"]), pct(g["head_val_accuracy"]), g["uses"]])
+    return {
+        "title": "DLSA choices made on val",
+        "text": "Per filter of each DLSA: the classifier input (`x`: the features and the cluster prior, as the "
+                "authors' code; `xz`: the paper's [x, z] and the cluster prior; `auto` keeps the one whose DLSA "
+                "has the higher val balanced accuracy, shown in brackets), the flow epoch kept (best val "
+                "likelihood, of the epochs run), the train and val samples the filter sends to its group, the "
+                "class-balanced val accuracy (%) there of the group's cluster-aided classifier and of the wrapped "
+                "head, and who classifies the group: its classifier only where it beats the head on val "
+                "(gate), else the head. The test split chose nothing.",
+        "columns": ["Filter", "Classifier input", "Flow epoch", "Train samples", "Val samples",
+                    "Classifier val acc. (%)", "Head val acc. (%)", "Uses"],
         "rows": rows,
     }
 
@@ -153,5 +217,6 @@ def selection_sections(metrics: dict) -> list[dict]:
 
 def report_sections(metrics: dict) -> list[dict]:
     """The report's tables beyond the comparison, in order."""
-    found = [calibration_section(metrics), group_section(metrics), dlsa_section(metrics)]
+    found = [calibration_section(metrics), group_section(metrics), dlsa_section(metrics),
+             dlsa_separation_section(metrics), dlsa_choice_section(metrics)]
     return [s for s in found if s] + shift_sections(metrics) + selection_sections(metrics)

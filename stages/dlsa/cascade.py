@@ -6,7 +6,13 @@ that sends the ``filter_fraction`` of them with the **highest** likelihood (the 
 samples; the "P(x) <= alpha" of Sec. 3.3 is a typo, its Fig. 4 and text mean high likelihood) to
 the filter's cluster-aided classifier; the rest reach the next filter. Samples that pass every
 filter go to the regular classifier. Test samples follow the same route by the thresholds learnt
-on train. The cascade is an object of its own, fitted once and shared by every wrapped head on the
+on train. Given the val split, each filter stops training on val likelihood (best-on-val weights,
+:func:`~longtail.stages.dlsa.flow.train_filter`). With ``route_folds >= 2`` the cascade also
+records **cross-fitted routes** of the train samples: the train split is cut into that many
+class-stratified folds, a cascade with the same parameters is fitted on all folds but one, and the
+held-out fold is routed by it, so that every train sample gets the route, cluster and cluster prior
+of flows that never saw it, as a test sample does (not in the paper; issue 11). The cascade is an
+object of its own, fitted once and shared by every wrapped head on the
 same features (the paper reuses one trained filter for all its classifiers). Its hyper-parameters
 and their defaults are one frozen dataclass, :class:`CascadeParams`.
 """
@@ -46,6 +52,8 @@ FLOW_BATCH_SIZE = 256
 #: last filter would get fewer than this many train samples per cluster
 MAX_CLUSTERS = 500
 SAMPLES_PER_CLUSTER = 10
+#: flow epochs without a better val likelihood before a filter stops (with a val split)
+PATIENCE = 5
 
 
 def default_sigma(dim: int) -> float:
@@ -93,7 +101,12 @@ class CascadeParams:
         lambda_bal, lambda_pure: weights of eq. 11 (defaults 1 and 0.02, supplementary Sec. 5,
             ImageNet-LT); 0 switches a term off (the ablations of Fig. 5-6).
         eta: decay of the momentum estimator (default 0.7, Sec. 4.3).
-        flow_epochs, flow_lr, flow_batch_size: the flows' fixed training schedule (Adam, cosine).
+        flow_epochs, flow_lr, flow_batch_size: the flows' training schedule (Adam, cosine), at most
+            ``flow_epochs`` epochs: with a val split a filter stops ``patience`` epochs after its best
+            val likelihood and keeps the weights of that epoch.
+        patience: see above (default :data:`PATIENCE`).
+        route_folds: ``0`` (default): the classifiers learn from the routes of the train samples
+            through the cascade fitted on them; ``>= 2``: cross-fitted routes (module docstring).
         seed: seeds the centres, the flows' initialisation, the batches and the purity pairs.
         device: ``auto``, ``cpu``, ``cuda``... (does not decide the cascade: a cache key leaves it out).
     """
@@ -111,6 +124,8 @@ class CascadeParams:
     flow_epochs: int = FLOW_EPOCHS
     flow_lr: float = FLOW_LR
     flow_batch_size: int = FLOW_BATCH_SIZE
+    patience: int = PATIENCE
+    route_folds: int = 0
     seed: int = 0
     device: str = "auto"
 
@@ -133,6 +148,10 @@ class CascadeParams:
         check_number(o, "flow_epochs", self.flow_epochs, integer=True, low=1)
         check_number(o, "flow_lr", self.flow_lr, low=0, low_open=True)
         check_number(o, "flow_batch_size", self.flow_batch_size, integer=True, low=1)
+        check_number(o, "patience", self.patience, integer=True, low=1)
+        check_number(o, "route_folds", self.route_folds, integer=True, low=0)
+        if self.route_folds == 1:
+            raise LongtailError(f"{o}: route_folds = 1: use 0 (no cross-fitting) or at least 2 folds")
         check_number(o, "seed", self.seed, integer=True, low=0)
         resolve_device(self.device)
 
@@ -225,12 +244,15 @@ class FlowCascade:
     def is_fitted(self) -> bool:
         return hasattr(self, "filters_")
 
-    def fit(self, train: FeatureSet) -> "FlowCascade":
-        """Fit the filters one after the other on the train samples that reach each."""
+    def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "FlowCascade":
+        """Fit the filters one after the other on the train samples that reach each; with ``val``,
+        each stops on the likelihood of the val samples that reach it (module docstring)."""
         p = self.params
         if not isinstance(train, FeatureSet):
             raise TypeError("FlowCascade.fit expects a FeatureSet")
         train.check_train()
+        if val is not None and (val.dim != train.dim or val.labels is None):
+            raise LongtailError(f"dlsa: the val split must have labels and the train split's dimension {train.dim}")
         self.check_params()
         sizes, k = self.plan(len(train))
         dev = resolve_device(p.device)
@@ -259,9 +281,13 @@ class FlowCascade:
         x = self._standardise(torch.tensor(train.features, device=dev))
         xa = x[:, self.active_]
         y = torch.tensor(labels, device=dev)
+        if val is not None:
+            xv = self._standardise(torch.tensor(val.features, device=dev))[:, self.active_]
+            yv = torch.tensor(val.labels, device=dev)
+            val_reaching = torch.arange(len(val), device=dev)
         generator = torch.Generator(device=dev)
         generator.manual_seed(int(p.seed))
-        filters, thresholds, priors, histories = [], [], [], []
+        filters, thresholds, priors, histories, best = [], [], [], [], []
         reaching = torch.arange(len(train), device=dev)
         for f, (n, m) in enumerate(sizes):
             xf, yf = xa[reaching], y[reaching]
@@ -269,11 +295,12 @@ class FlowCascade:
             weights = torch.as_tensor(flow_class_weights(counts_f.cpu().numpy(), float(p.q)),
                                       dtype=torch.float32, device=dev)
             filt = self._new_filter(int(xa.shape[1]), k, generator, sigma).to(dev)
-            history = train_filter(
+            history, stopping = train_filter(
                 filt, xf, yf, weights, epochs=int(p.flow_epochs), lr=float(p.flow_lr),
                 batch_size=int(p.flow_batch_size), lambda_bal=float(p.lambda_bal),
                 lambda_pure=float(p.lambda_pure), generator=generator,
                 desc=f"dlsa filter {f + 1}/{p.num_filters}",
+                val=None if val is None else (xv[val_reaching], yv[val_reaching]), patience=int(p.patience),
             )
             _, ll, cluster = filt.evaluate(xf)
             threshold = quantile_threshold(ll, m)
@@ -282,12 +309,66 @@ class FlowCascade:
             thresholds.append(threshold)
             priors.append(cluster_prior(cluster, yf, k, num_classes))
             histories.append(history)
+            best.append(stopping.best_epoch if stopping is not None else len(history) - 1)
             reaching = reaching[~routed]
+            if val is not None and val_reaching.numel():
+                _, llv, _ = filt.evaluate(xv[val_reaching])
+                val_reaching = val_reaching[~(llv.double() > threshold)]
         self.filters_ = filters
         self.thresholds_ = torch.tensor(thresholds, dtype=torch.float64)
         self.cluster_priors_ = torch.stack(priors)  # (F, K, C) float64
         self.history_ = histories
+        self.best_epoch_ = torch.tensor(best, dtype=torch.int64)
+        if int(p.route_folds) >= 2:
+            self._cross_fit(train, val, k)
         return self
+
+    def _cross_fit(self, train: FeatureSet, val: FeatureSet | None, k: int) -> None:
+        """Cross-fitted routes of the train samples (``route_folds >= 2``, module docstring).
+
+        Sets ``oof_stage_`` ``(N,)`` (the group of each train sample under the cascade that did not
+        see it), ``oof_cluster_`` ``(N,)`` (its cluster in the filter that sent it out, -1 past every
+        filter), ``oof_fold_`` ``(N,)`` and ``oof_priors_`` ``(folds, F, K, C)`` (the cluster priors of
+        each fold's cascade). Folds are class-stratified (each class's samples dealt round-robin in a
+        seeded order), so every fold's cascade sees every class with at least ``folds`` samples.
+        """
+        p = self.params
+        folds = int(p.route_folds)
+        labels = train.labels
+        rng = np.random.default_rng([int(p.seed), 7])
+        fold = np.empty(len(train), dtype=np.int64)
+        for c in range(train.num_classes):
+            rows = np.flatnonzero(labels == c)
+            fold[rows[rng.permutation(rows.size)]] = (np.arange(rows.size) + c) % folds
+        dev = self.mean_.device
+        stage = torch.full((len(train),), len(self.filters_), dtype=torch.long, device=dev)
+        cluster = torch.full((len(train),), -1, dtype=torch.long, device=dev)
+        priors = []
+        for j in range(folds):
+            keep = fold != j
+            counts = np.bincount(labels[keep], minlength=train.num_classes)
+            part = FeatureSet(train.features[keep], labels[keep], counts, train.class_names, name=train.name,
+                              source=train.source)
+            sub = FlowCascade(**{**p.as_dict(), "route_folds": 0, "num_clusters": k, "seed": int(p.seed) + 1 + j})
+            try:
+                sub.fit(part, val)
+            except LongtailError as exc:
+                raise LongtailError(f"dlsa: route_folds = {folds}: the cascade of fold {j + 1} cannot be fitted "
+                                    f"({exc}); use fewer folds") from None
+            held = np.flatnonzero(~keep)
+            route = sub.route(train.features[held])
+            idx = torch.as_tensor(held, device=dev)
+            stage[idx] = route.stage.to(dev)
+            out = route.stage < route.num_filters
+            cluster[idx[out]] = route.cluster[out, route.stage[out]].to(dev)
+            priors.append(sub.cluster_priors_.to(dev))
+        self.oof_stage_ = stage
+        self.oof_cluster_ = cluster
+        self.oof_fold_ = torch.as_tensor(fold, device=dev)
+        self.oof_priors_ = torch.stack(priors)  # (folds, F, K, C) float64
+
+    def has_cross_fitted_routes(self) -> bool:
+        return hasattr(self, "oof_stage_")
 
     def _new_filter(self, dim: int, k: int, generator: torch.Generator, sigma: float) -> GaussianMixtureFlowFilter:
         """A filter with centres ``sigma * N(0, I)`` and a flow initialised from a seed drawn from ``generator``."""
@@ -353,11 +434,17 @@ class FlowCascade:
             "mean": self.mean_, "std": self.std_, "active": self.active_,
             "thresholds": self.thresholds_, "cluster_priors": self.cluster_priors_,
             "train_counts": self.train_counts_, "train_fingerprint": self.train_fingerprint_,
+            "best_epoch": self.best_epoch_,
         }
+        if self.has_cross_fitted_routes():
+            state.update({"oof_stage": self.oof_stage_, "oof_cluster": self.oof_cluster_, "oof_fold": self.oof_fold_,
+                          "oof_priors": self.oof_priors_})
         for f, (filt, history) in enumerate(zip(self.filters_, self.history_)):
             for key, value in filt.state_dict().items():
                 state[f"filter{f}.{key}"] = value
             state[f"filter{f}.history"] = torch.tensor([h["total"] for h in history], dtype=torch.float64)
+            state[f"filter{f}.val_history"] = torch.tensor([h.get("val_nll", math.nan) for h in history],
+                                                           dtype=torch.float64)
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "FlowCascade":
@@ -384,16 +471,26 @@ class FlowCascade:
             self.cluster_priors_ = state["cluster_priors"].to(dev, torch.float64)
             self.train_counts_ = state["train_counts"].to(torch.int64).cpu()
             self.train_fingerprint_ = state["train_fingerprint"].to(torch.float64).cpu()
+            self.best_epoch_ = state["best_epoch"].to(torch.int64).cpu()
+            if "oof_stage" in state:
+                self.oof_stage_ = state["oof_stage"].to(dev, torch.int64)
+                self.oof_cluster_ = state["oof_cluster"].to(dev, torch.int64)
+                self.oof_fold_ = state["oof_fold"].to(dev, torch.int64)
+                self.oof_priors_ = state["oof_priors"].to(dev, torch.float64)
+            elif int(p.route_folds) >= 2:
+                raise KeyError("oof_stage")
             dim = int(self.active_.sum())
             filters, histories = [], []
             for f in range(nf):
                 prefix = f"filter{f}."
                 own = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
                 history = own.pop("history")
+                val_history = own.pop("val_history")
                 filt = GaussianMixtureFlowFilter(dim, k, int(p.flow_blocks), int(p.flow_hidden), float(p.eta))
                 filt.load_state_dict(own)
                 filters.append(filt.to(dev).eval().requires_grad_(False))
-                histories.append([{"total": float(v)} for v in history])
+                histories.append([{"total": float(v), **({} if math.isnan(float(w)) else {"val_nll": float(w)})}
+                                  for v, w in zip(history, val_history)])
         except (KeyError, RuntimeError) as exc:
             raise LongtailError(f"dlsa: the saved cascade does not fit these parameters: {exc}") from exc
         self.filters_ = filters

@@ -77,3 +77,68 @@ def diagnostics(cascade: FlowCascade, train: FeatureSet, tail_threshold: int = T
         })
     out["samples_regular"] = int((route.stage == route.num_filters).sum())
     return out
+
+
+def tail_auc(score_tail: np.ndarray, score_head: np.ndarray) -> float | None:
+    """``P(s_tail > s_head) + P(s_tail = s_head) / 2`` for a random tail and head sample: the area
+    under the ROC curve of ``score`` as a tail detector (Mann-Whitney U over the product of the
+    sizes, ties counted half, average ranks); ``None`` when either side is empty. Independent of
+    the tail share, so that a long-tailed train split and a balanced test split compare."""
+    n_t, n_h = int(score_tail.size), int(score_head.size)
+    if n_t == 0 or n_h == 0:
+        return None
+    values = np.concatenate([score_tail, score_head]).astype(np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first occurrence
+    ranks = (first + (counts + 1) / 2.0)[inverse]  # average 1-based ranks
+    u = ranks[:n_t].sum() - n_t * (n_t + 1) / 2.0
+    return float(u / (n_t * n_h))  # n_t, n_h >= 1
+
+
+def separation(cascade: FlowCascade, split: FeatureSet, class_counts: np.ndarray,
+               tail_threshold: int = TAIL_THRESHOLD) -> dict[str, Any]:
+    """Head-tail separation of a fitted cascade on any labelled split (train, val or test).
+
+    Tail classes have at most ``tail_threshold`` samples in ``class_counts`` (the **train** counts,
+    whatever the split). Per filter, over the split's samples that reach it: ``samples_in``,
+    ``samples_out``, ``tail_share_in``, ``separation_accuracy`` (tail share among those sent out, as
+    in :func:`diagnostics`, which depends on the split's own tail share), and the measures that do
+    not: ``tail_out_rate`` / ``head_out_rate`` (share of the tail / head samples reaching the filter
+    that it sends out) and ``auc`` (:func:`tail_auc` of the filter's log-likelihood). On train they
+    measure how well the flows fit their own samples (the tail classes' few samples are fitted with
+    the large weights of eq. 6); on val and test, how separable unseen samples are.
+    """
+    labels = split.require_labels()
+    route = cascade.route(split.features)
+    is_tail = np.asarray(class_counts)[labels] <= int(tail_threshold)
+    stage = route.stage.cpu().numpy()
+    ll = route.log_likelihood.double().cpu().numpy()
+    share = (lambda a: float(a.mean()) if a.size else None)  # None where nothing is counted
+    out: dict[str, Any] = {"samples": int(labels.size), "tail_share": share(is_tail), "filters": []}
+    for f in range(route.num_filters):
+        reached = stage >= f
+        sent = stage == f
+        t, h = reached & is_tail, reached & ~is_tail
+        out["filters"].append({
+            "filter": f + 1,
+            "samples_in": int(reached.sum()),
+            "samples_out": int(sent.sum()),
+            "tail_share_in": share(is_tail[reached]),
+            "separation_accuracy": share(is_tail[sent]),
+            "tail_out_rate": share(sent[t]),
+            "head_out_rate": share(sent[h]),
+            "auc": tail_auc(ll[t, f], ll[h, f]),
+        })
+    return out
+
+
+def flow_stopping(cascade: FlowCascade) -> list[dict[str, Any]]:
+    """Per filter: ``epochs_run``, ``best_epoch`` (1-based; the weights kept) and the val objective
+    there (``best_val_nll``, eq. 7 on val, ``None`` without a val split)."""
+    out = []
+    for f, history in enumerate(cascade.history_):
+        best = int(cascade.best_epoch_[f])
+        val = history[best].get("val_nll") if 0 <= best < len(history) else None
+        out.append({"filter": f + 1, "epochs_run": len(history), "best_epoch": best + 1,
+                    "best_val_nll": None if val is None or not math.isfinite(val) else float(val)})
+    return out

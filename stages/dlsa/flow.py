@@ -7,10 +7,16 @@ uniform prior (eq. 2-4). :class:`FlowObjective` is eq. 11, ``L_MLE + lambda_bal 
 lambda_pure L_pure`` (:mod:`longtail.stages.losses.dlsa`, eq. 5-10), and :func:`train_filter` fits a
 filter with it on the shared loop (:func:`longtail.stages.train.engine.fit_module`): Adam, a cosine
 schedule, instance-sampled batches (eq. 8 needs batches drawn from the data distribution),
-``ceil(batch_size / 2)`` purity pairs per step drawn from the fit's generator.
+``ceil(batch_size / 2)`` purity pairs per step drawn from the fit's generator. Given val samples,
+it stops on val likelihood (:class:`ValLikelihood`): after every epoch the class-weighted negative
+log-likelihood of eq. 7 is estimated on the val samples, the weights of the epoch with the lowest
+one are kept, and training stops ``patience`` epochs after it (not in the paper, which trains a
+fixed schedule: a flow fitted to the few samples of a tail class memorises them, issue 11).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -180,15 +186,113 @@ class FlowObjective(Objective):
         return StepOutput(total, terms=terms)
 
 
+class _StopTraining(Exception):
+    """Raised by :meth:`ValLikelihood.on_epoch_end` to end a fit early (caught by :func:`train_filter`)."""
+
+
+def val_class_weights(class_weights: torch.Tensor, train_labels: torch.Tensor, val_labels: torch.Tensor) -> torch.Tensor:
+    """Per-class weights ``(C,)`` float64 that turn per-class mean val log-likelihoods into an estimate
+    of the training objective, eq. 7 averaged over the train distribution of the samples a filter
+    is fitted on: ``n_c w(c)`` (``n_c`` train samples of class ``c``, ``w`` of eq. 6), normalised over
+    the classes with at least one val sample; 0 for the others. All zeros when no class has both."""
+    c = int(class_weights.shape[0])
+    n = torch.bincount(train_labels, minlength=c).double().to(class_weights.device)
+    present = torch.bincount(val_labels, minlength=c).to(class_weights.device) > 0
+    v = torch.where(present, n * class_weights.double(), torch.zeros_like(n))
+    total = float(v.sum())
+    return v / total if total > 0 else v  # total > 0 guards the division; all zeros: no estimate
+
+
+def val_objective(filt: GaussianMixtureFlowFilter, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> float:
+    """``sum_c weights[c] * mean_{val x of class c} (-log L(theta; x))``: eq. 7 estimated on val
+    (:func:`val_class_weights`; the classes of ``y`` must have a positive weight to count)."""
+    _, ll, _ = filt.evaluate(x)
+    c = int(weights.shape[0])
+    sums = torch.zeros(c, dtype=torch.float64, device=ll.device).index_add_(0, y, -ll.double())
+    counts = torch.bincount(y, minlength=c).double()
+    means = sums / counts.clamp_min(1.0)  # clamp guards classes without a val sample (weight 0 there)
+    return float((weights.to(means.device) * means).sum())
+
+
+class ValLikelihood:
+    """Early stopping of a flow filter on val likelihood, best-on-val weights.
+
+    After each epoch, :func:`val_objective` of the filter on the val samples; the epoch with the
+    lowest value so far is the best and its weights are copied; ``patience`` epochs without a new
+    best end the fit. :attr:`best_epoch` (0-based), :attr:`values` (one per finished epoch).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, patience: int):
+        self.x, self.y, self.weights, self.patience = x, y, weights, int(patience)
+        self.values: list[float] = []
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, module: GaussianMixtureFlowFilter, epoch: int) -> None:
+        value = val_objective(module, self.x, self.y, self.weights)
+        self.values.append(value)
+        if math.isfinite(value) and (self.best_state is None or value < self.values[self.best_epoch]):
+            self.best_epoch = epoch
+            self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        elif epoch - self.best_epoch >= self.patience:
+            raise _StopTraining
+
+    def restore(self, module: GaussianMixtureFlowFilter) -> None:
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+class _StoppingObjective(FlowObjective):
+    """:class:`FlowObjective` with :class:`ValLikelihood` at each epoch's end."""
+
+    def __init__(self, *args, stopping: ValLikelihood):
+        super().__init__(*args)
+        self.stopping = stopping
+
+    def on_fit_start(self, state: TrainState) -> None:
+        super().on_fit_start(state)
+        self.state = state  # its history survives an early stop
+
+    def on_epoch_end(self, state: TrainState, means: dict[str, float]) -> None:
+        self.stopping.on_epoch_end(state.module, state.epoch)
+
+
 def train_filter(filt: GaussianMixtureFlowFilter, x: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor, *,
                  epochs: int, lr: float, batch_size: int, lambda_bal: float, lambda_pure: float,
-                 generator: torch.Generator, desc: str = "dlsa filter") -> list[dict[str, float]]:
+                 generator: torch.Generator, desc: str = "dlsa filter",
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, patience: int = 5,
+                 ) -> tuple[list[dict[str, float]], ValLikelihood | None]:
     """Fit a filter on ``(x, y)`` (on the generator's device) with eq. 11 on the shared loop: Adam
     (no weight decay) with a per-step cosine schedule from ``lr`` to 0, a permutation of the rows per
-    epoch; a non-finite loss raises a :class:`LongtailError` asking to lower ``flow_lr``. Returns the
-    mean ``total`` loss and terms of every epoch."""
+    epoch; a non-finite loss raises a :class:`LongtailError` asking to lower ``flow_lr``.
+
+    With ``val = (x_val, y_val)`` (the val samples that reach the filter, standardised like ``x``)
+    and at least one val class also in ``y``, training stops on val likelihood
+    (:class:`ValLikelihood`, ``patience`` epochs) and the filter ends with its best-on-val weights.
+
+    Returns the mean ``total`` loss and terms of every epoch run (with ``val_nll`` when stopping on
+    val) and the :class:`ValLikelihood` record (``None`` without val)."""
     config = OptimConfig(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), weight_decay=0.0,
                          optimizer="adam", lr_name="flow_lr")
-    state = fit_module(filt, TrainData(x, y), FlowObjective(class_weights, lambda_bal, lambda_pure), config,
-                       generator=generator, desc=desc)
-    return [{"total": h["loss"], **{k: v for k, v in h.items() if k != "loss"}} for h in state.history]
+    stopping = None
+    if val is not None and val[1].numel():
+        weights = val_class_weights(class_weights, y, val[1])
+        if float(weights.sum()) > 0:
+            stopping = ValLikelihood(val[0], val[1], weights, patience)
+    if stopping is None:
+        objective: FlowObjective = FlowObjective(class_weights, lambda_bal, lambda_pure)
+        history = fit_module(filt, TrainData(x, y), objective, config, generator=generator, desc=desc).history
+    else:
+        objective = _StoppingObjective(class_weights, lambda_bal, lambda_pure, stopping=stopping)
+        try:
+            fit_module(filt, TrainData(x, y), objective, config, generator=generator, desc=desc)
+        except _StopTraining:
+            pass
+        stopping.restore(filt)
+        filt.eval().requires_grad_(False)
+        history = objective.state.history
+    out = [{"total": h["loss"], **{k: v for k, v in h.items() if k != "loss"}} for h in history]
+    if stopping is not None:
+        for h, v in zip(out, stopping.values):
+            h["val_nll"] = v
+    return out, stopping

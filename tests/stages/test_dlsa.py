@@ -25,6 +25,8 @@ from longtail.stages.dlsa import (
     filter_sizes,
     quantile_threshold,
 )
+from longtail.stages.dlsa import flow_stopping as dlsa_flow_stopping
+from longtail.stages.base import Frozen
 from longtail.stages.errors import LongtailError
 from longtail.stages.heads import BalancedSoftmaxHead, LinearClassifier
 from longtail.stages.losses.dlsa import (
@@ -41,6 +43,8 @@ from longtail.stages.losses.dlsa import (
 #: a small, fast cascade (the defaults of the paper are exercised by the ablation test)
 TINY = {"flow_hidden": 16, "flow_epochs": 4, "flow_batch_size": 64, "num_clusters": 8, "device": "cpu"}
 HEAD = {"epochs": 5, "batch_size": 64, "seed": 3, "device": "cpu"}
+#: the paper's DLSA: no val gate, the classifiers on [x, z] (fits without a val split)
+UNGATED = {**TINY, "gate": False, "classifier_input": "xz"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,6 +74,16 @@ def data():
     yt = np.repeat(np.arange(10), 20)
     xt = (rng.normal(size=(len(yt), 6)) + means[yt]).astype(np.float32)
     return train, xt, yt
+
+
+@pytest.fixture(scope="module")
+def val(data):
+    """A class-balanced val split (8 per class) from the train split's class means."""
+    _, means = long_tail()
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(10), 8)
+    x = (rng.normal(size=(len(y), 6)) + means[y]).astype(np.float32)
+    return FeatureSet(x, y, data[0].class_counts, data[0].class_names, name="val")
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +375,7 @@ def test_one_cascade_serves_several_heads_with_identical_routing(data, cascade, 
                         or original_fit(module, data, objective, config, **k))
     fitted = []
     for name in ("dlsa+ce", "dlsa+balanced-softmax", "dlsa+crt"):
-        method = make_method(name, {**HEAD, "dlsa": TINY}).set_cascade(cascade).fit(train)
+        method = make_method(name, {**HEAD, "dlsa": UNGATED}).set_cascade(cascade).fit(train)
         assert method.cascade_ is cascade  # reused, not refitted
         fitted.append(method)
     routes = [m.routing(xt) for m in fitted]
@@ -373,7 +387,7 @@ def test_one_cascade_serves_several_heads_with_identical_routing(data, cascade, 
     sent = [m for _, m in filter_sizes(len(train), 3, 0.3)]
     assert epochs[:3] == [math.ceil(HEAD["epochs"] * len(train) / m) for m in sent]
     # a wrapper that fits its own cascade with the same parameters gets the same one (seeded)
-    own = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).fit(train)
+    own = make_method("dlsa+ce", {**HEAD, "dlsa": UNGATED}).fit(train)
     assert np.array_equal(own.routing(xt), routes[0])
     np.testing.assert_array_equal(own.logits(xt), fitted[0].logits(xt))
 
@@ -382,7 +396,7 @@ def test_the_head_classifies_what_passes_every_filter_and_a_fitted_head_is_reuse
     train, xt, _ = data
     head = make_method("cosine", HEAD).fit(train)
     before = head.state_dict()
-    method = make_method("dlsa+cosine", {**HEAD, "dlsa": TINY})
+    method = make_method("dlsa+cosine", {**HEAD, "dlsa": UNGATED})
     method.base = head  # a cached head, as the pipeline hands it over
     method.set_cascade(cascade).fit(train)
     assert method.base is head and all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())
@@ -392,19 +406,19 @@ def test_the_head_classifies_what_passes_every_filter_and_a_fitted_head_is_reuse
     np.testing.assert_array_equal(z[rest], head.logits(xt[rest]))
     assert not np.allclose(z[~rest], head.logits(xt[~rest]))  # the cluster-aided classifiers
     # their input is [x, z, P(y | h = k^)] (dimension D + D' + C) and their output spans every class
-    assert method.modules_[0].xz_dim == 2 * train.dim
+    assert method.modules_[0].feature_dim == 2 * train.dim
     assert method.modules_[0].prior.weight.shape == (train.num_classes, train.num_classes)
 
 
 def test_cluster_aided_classifiers_trained_on_all_samples_are_an_option(data, cascade):
     train, xt, _ = data
-    routed = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).set_cascade(cascade).fit(train)
-    every = make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_samples": "all"}})
+    routed = make_method("dlsa+ce", {**HEAD, "dlsa": UNGATED}).set_cascade(cascade).fit(train)
+    every = make_method("dlsa+ce", {**HEAD, "dlsa": {**UNGATED, "classifier_samples": "all"}})
     every.set_cascade(cascade).fit(train)
     assert np.array_equal(every.routing(xt), routed.routing(xt))
     assert not np.allclose(every.logits(xt), routed.logits(xt))
     with pytest.raises(LongtailError, match="classifier_samples = 'some' must be 'routed' or 'all'"):
-        make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_samples": "some"}}).fit(train)
+        make_method("dlsa+ce", {**HEAD, "dlsa": {**UNGATED, "classifier_samples": "some"}}).fit(train)
 
 
 def test_set_cascade_rejects_other_parameters_other_features_and_unfitted_cascades(data, cascade):
@@ -415,21 +429,23 @@ def test_set_cascade_rejects_other_parameters_other_features_and_unfitted_cascad
     with pytest.raises(LongtailError, match="needs a fitted cascade"):
         make_method("dlsa+ce", {"dlsa": TINY}).set_cascade(FlowCascade(**TINY))
     other, _ = long_tail(seed=5)
-    method = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).set_cascade(cascade)
+    method = make_method("dlsa+ce", {**HEAD, "dlsa": UNGATED}).set_cascade(cascade)
     with pytest.raises(LongtailError, match="fitted on other train features"):
         method.fit(other)
 
 
-def test_dlsa_ce_state_dict_round_trip_reproduces_the_logits(data, cascade, tmp_path):
+def test_dlsa_ce_state_dict_round_trip_reproduces_the_logits(data, val, cascade, tmp_path):
     train, xt, _ = data
     params = {**HEAD, "dlsa": TINY}
-    method = make_method("dlsa+ce", params).set_cascade(cascade).fit(train)
+    method = make_method("dlsa+ce", params).set_cascade(cascade).fit(train, val)
     state = method.state_dict()
-    assert {k.split(".")[0] for k in state if not k.startswith("_")} == {"base", "cascade", "group0", "group1", "group2"}
+    assert {k.split(".")[0] for k in state if not k.startswith("_")} == {"base", "cascade", "group0", "group1", "group2",
+                                                                         "select"}
     save_file(state, str(tmp_path / "m.safetensors"))
     rebuilt = make_method("dlsa+ce", params).load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     np.testing.assert_array_equal(rebuilt.logits(xt), method.logits(xt))
     assert np.array_equal(rebuilt.routing(xt), method.routing(xt))
+    assert rebuilt.selection() == method.selection()
     with pytest.raises(LongtailError):
         make_method("dlsa+ce", {**params, "dlsa": {**TINY, "flow_hidden": 12}}).load_state_dict(state)
 
@@ -454,7 +470,7 @@ def test_bad_hyper_parameters_raise_one_line_errors_naming_the_key(data):
             FlowCascade(**{**TINY, **bad}).fit(train)
         assert "\n" not in str(info.value)
         with pytest.raises(LongtailError, match=match):
-            make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, **bad}}).fit(train)
+            make_method("dlsa+ce", {**HEAD, "dlsa": {**UNGATED, **bad}}).fit(train)
     tiny, _ = long_tail(num_classes=3, n_max=3, n_min=1)  # 3 + 2 + 1 = 6 samples
     with pytest.raises(LongtailError, match="would send 0 of them"):
         FlowCascade(**{**TINY, "num_clusters": 1, "filter_fraction": 0.05}).fit(tiny)
@@ -477,7 +493,7 @@ def test_a_class_with_a_single_train_sample_is_handled(data):
     counts = np.bincount(train.labels[keep], minlength=10)
     assert counts[9] == 1
     single = FeatureSet(train.features[keep], train.labels[keep], counts, train.class_names, name="train")
-    method = make_method("dlsa+balanced-softmax", {**HEAD, "dlsa": TINY}).fit(single)
+    method = make_method("dlsa+balanced-softmax", {**HEAD, "dlsa": UNGATED}).fit(single)
     assert np.isfinite(method.logits(data[1])).all()
 
 
@@ -490,7 +506,7 @@ def test_constant_feature_dimensions_are_left_out_of_the_flows(data):
     assert all(math.isfinite(h["total"]) for hist in cascade.history_ for h in hist)
     # the constant columns change nothing: same routing as without them
     assert torch.equal(cascade.route(x).stage, FlowCascade(**TINY).fit(train).route(train.features).stage)
-    method = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).set_cascade(cascade).fit(const)
+    method = make_method("dlsa+ce", {**HEAD, "dlsa": UNGATED}).set_cascade(cascade).fit(const)
     assert np.isfinite(method.logits(np.concatenate([xt, np.full((len(xt), 2), 7.0, np.float32)], 1))).all()
     flat = FeatureSet(np.ones((40, 3), np.float32), np.repeat([0, 1], 20), np.array([20, 20]), ("a", "b"), name="train")
     with pytest.raises(LongtailError, match="every feature dimension is constant"):
@@ -509,3 +525,214 @@ def test_a_base_that_is_not_a_head_is_rejected(data):
     outer = DLSA(make_method("ce+pc", HEAD), **TINY)
     with pytest.raises(LongtailError, match="dlsa wraps a trained head"):
         outer.fit(data[0])
+
+
+# ---------------------------------------------------------------------- val: early stopping, input choice, gate
+def test_early_stopping_keeps_the_best_val_epoch_and_stops_patience_epochs_later():
+    """A flow on few samples with a high learning rate overfits them; the val objective (eq. 7 on
+    val, weighted to the train distribution) is recorded per epoch and the filter ends with the
+    weights of its minimum."""
+    train, means = long_tail(num_classes=4, dim=4, n_max=30, n_min=3, seed=1)
+    rng = np.random.default_rng(3)
+    yv = np.repeat(np.arange(4), 10)
+    xv = torch.tensor((rng.normal(size=(len(yv), 4)) + means[yv]), dtype=torch.float32)
+    x, y = torch.tensor(train.features), torch.tensor(train.labels)
+    weights = torch.as_tensor(flow_class_weights(train.class_counts, 2.0), dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        filt = GaussianMixtureFlowFilter(4, 4, blocks=2, hidden=32)
+    history, stopping = flow.train_filter(
+        filt, x, y, weights, epochs=40, lr=3e-2, batch_size=16, lambda_bal=1.0, lambda_pure=0.0,
+        generator=torch.Generator().manual_seed(0), val=(xv, torch.tensor(yv)), patience=3)
+    values = stopping.values
+    best = stopping.best_epoch
+    assert len(history) == len(values) and all(h["val_nll"] == v for h, v in zip(history, values))
+    assert values[best] == min(values)
+    assert len(values) == min(40, best + 1 + 3)  # stopped 3 epochs after the best one (or ran out)
+    assert len(values) < 40  # this small set overfits: the val objective turns before the end
+    # the filter holds the best epoch's weights: its val objective is the recorded minimum
+    assert flow.val_objective(filt, xv, torch.tensor(yv), stopping.weights) == pytest.approx(values[best], rel=1e-6)
+    # the weights: n_c w(c) over the classes with val samples, by hand (eq. 6 with q = 2: n w ∝ 1 / n)
+    n = train.class_counts.astype(float)
+    np.testing.assert_allclose(stopping.weights.numpy(), (1 / n) / (1 / n).sum(), rtol=1e-6)
+    # a cascade fitted with val records the same kind of choice per filter
+    tiny = FlowCascade(**{**TINY, "flow_epochs": 6, "patience": 2}).fit(
+        train, FeatureSet(xv.numpy(), yv, train.class_counts, train.class_names, name="val"))
+    for f, record in enumerate(dlsa_flow_stopping(tiny)):
+        vals = [h["val_nll"] for h in tiny.history_[f]]
+        assert record["best_epoch"] == int(np.argmin(vals)) + 1 and record["best_val_nll"] == min(vals)
+
+
+def test_tail_auc_by_hand():
+    from longtail.stages.dlsa import tail_auc
+
+    # pairs (tail, head): (3, 1) (3, 2) (2, 1) win, (2, 2) ties, (1, 1) tie, (1, 2) loses: (3 + 0.5 + 0.5) / 6
+    assert tail_auc(np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(4.0 / 6.0)
+    assert tail_auc(np.array([5.0]), np.array([1.0, 2.0])) == 1.0
+    assert tail_auc(np.array([]), np.array([1.0])) is None
+
+
+def test_separation_on_any_split_recounts_the_routing(data, cascade):
+    from longtail.stages.dlsa import separation
+
+    train, xt, yt = data
+    test = FeatureSet(xt, yt, train.class_counts, train.class_names, name="test")
+    sep = separation(cascade, test, train.class_counts, tail_threshold=20)
+    json.dumps(sep)
+    stage = cascade.route(xt).stage.numpy()
+    tail = train.class_counts[yt] <= 20
+    assert sep["tail_share"] == pytest.approx(tail.mean())
+    for f, d in enumerate(sep["filters"]):
+        reached = stage >= f
+        assert d["samples_in"] == reached.sum() and d["samples_out"] == (stage == f).sum()
+        assert d["tail_out_rate"] == pytest.approx((stage[reached & tail] == f).mean())
+        assert d["head_out_rate"] == pytest.approx((stage[reached & ~tail] == f).mean())
+        assert 0.0 <= d["auc"] <= 1.0
+    # on train, the same numbers as the train diagnostics
+    diag = diagnostics(cascade, train, tail_threshold=20)
+    on_train = separation(cascade, train, train.class_counts, tail_threshold=20)
+    for a, b in zip(diag["filters"], on_train["filters"]):
+        assert a["separation_accuracy"] == pytest.approx(b["separation_accuracy"])
+        assert a["tail_share_in"] == pytest.approx(b["tail_share_in"])
+
+
+def _val_balanced_accuracy(method, val):
+    pred = method.logits(val.features).argmax(1)
+    return float(np.mean([(pred[val.labels == c] == c).mean() for c in np.unique(val.labels)]))
+
+
+def test_the_classifier_input_is_chosen_on_val_and_scores_are_val_balanced_accuracies(data, val, cascade):
+    """``auto`` keeps the input whose (gated) DLSA has the higher val balanced accuracy; its
+    recorded scores are exactly those accuracies, recomputed here from the fixed-input fits."""
+    train, xt, _ = data
+    head = make_method("ce", HEAD).fit(train)
+    fits = {}
+    for kind in ("x", "xz", "auto"):
+        m = make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_input": kind}})
+        m.base = Frozen(head)
+        fits[kind] = m.set_cascade(cascade).fit(train, val)
+    auto = fits["auto"].selection()["classifier_input"]
+    scores = {k: _val_balanced_accuracy(fits[k], val) for k in ("x", "xz")}
+    assert auto["val_score"] == pytest.approx(scores)
+    chosen = "xz" if scores["xz"] > scores["x"] else "x"  # ties keep x
+    assert auto["chosen"] == chosen
+    np.testing.assert_array_equal(fits["auto"].logits(xt), fits[chosen].logits(xt))
+    # a val split without some classes: the balanced accuracy over the classes it has
+    part = FeatureSet(val.features[val.labels < 8], val.labels[val.labels < 8], val.class_counts, val.class_names,
+                      name="val")
+    fitted = make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "classifier_input": "x"}}).with_base(
+        Frozen(head)).set_cascade(cascade).fit(train, part)
+    assert fitted.selection()["classifier_input"]["val_score"]["x"] == pytest.approx(_val_balanced_accuracy(fitted, part))
+    # the test split plays no part: the choice is recorded at fit time, before any test sample is seen
+    assert fits["auto"].selection() == make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).with_base(
+        Frozen(head)).set_cascade(cascade).fit(train, val).selection()
+
+
+def test_the_gate_falls_back_to_the_head_where_the_classifier_is_worse_on_val(data, val, cascade, monkeypatch):
+    """Built cases: untrained cluster-aided classifiers (worse than a trained head everywhere) are all
+    gated off, and DLSA's logits are the head's; against a head that predicts the wrong class on
+    purpose, every group with val samples keeps its classifier."""
+    train, xt, _ = data
+    head = make_method("ce", HEAD).fit(train)
+    monkeypatch.setattr(wrapper, "fit_module", lambda *a, **k: None)  # classifiers stay at their random init
+    lazy = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).with_base(Frozen(head)).set_cascade(cascade).fit(train, val)
+    groups = lazy.selection()["groups"]
+    assert all(g["uses"] == "head" for g in groups)
+    assert all(g["classifier_val_accuracy"] <= g["head_val_accuracy"] for g in groups if g["val_samples"])
+    np.testing.assert_array_equal(lazy.logits(xt), head.logits(xt))
+    monkeypatch.undo()
+
+    class Wrong(type(head)):
+        """The fitted head with its logits rolled by one class: a confident, always-wrong head."""
+
+        def _logits(self, features):
+            return np.roll(super()._logits(features), 1, axis=1)
+
+    wrong = make_method("ce", HEAD).fit(train)
+    wrong.__class__ = Wrong
+    assert _val_balanced_accuracy(wrong, val) < 0.2
+    method = make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).with_base(Frozen(wrong)).set_cascade(cascade)
+    method.fit(train, val)
+    groups = method.selection()["groups"]
+    assert [g["uses"] for g in groups] == ["classifier" if g["val_samples"] else "head" for g in groups]
+    assert any(g["uses"] == "classifier" for g in groups)
+    for g in groups:  # the decision is the comparison of the recorded val accuracies
+        if g["val_samples"]:
+            assert (g["uses"] == "classifier") == (g["classifier_val_accuracy"] > g["head_val_accuracy"])
+    stage = method.routing(xt)
+    z = method.logits(xt)
+    open_ = np.isin(stage, [g["filter"] - 1 for g in groups if g["uses"] == "classifier"])
+    np.testing.assert_array_equal(z[~open_], wrong.logits(xt)[~open_])
+    assert not np.allclose(z[open_], wrong.logits(xt)[open_])
+    # gate: false keeps every classifier whatever val says
+    ungated = make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, "gate": False}}).with_base(Frozen(head))
+    assert all(g["uses"] == "classifier" for g in ungated.set_cascade(cascade).fit(train, val).selection()["groups"])
+
+
+def test_gate_and_auto_need_a_val_split_and_bad_choices_are_one_line_errors(data, cascade):
+    train = data[0]
+    with pytest.raises(LongtailError, match="choose on the val split, and there is none"):
+        make_method("dlsa+ce", {**HEAD, "dlsa": TINY}).set_cascade(cascade).fit(train)
+    for bad, match in (({"classifier_input": "z"}, "classifier_input = 'z' must be one of"),
+                       ({"gate": "yes"}, "gate = 'yes' must be true or false"),
+                       ({"route_folds": 1}, "route_folds = 1"),
+                       ({"patience": 0}, "patience = 0"),
+                       ({"route_folds": 2, "classifier_samples": "all"}, "route_folds applies to")):
+        with pytest.raises(LongtailError, match=match):
+            make_method("dlsa+ce", {**HEAD, "dlsa": {**TINY, **bad}}).check_params(10)
+
+
+def test_cross_fitted_routes_come_from_flows_that_did_not_see_the_sample(data, val):
+    train, xt, _ = data
+    params = {**TINY, "num_filters": 2, "route_folds": 2}
+    cascade = FlowCascade(**params).fit(train, val)
+    fold = cascade.oof_fold_.numpy()
+    assert set(fold.tolist()) == {0, 1}
+    for c in range(train.num_classes):  # class-stratified: the two folds differ by at most one sample
+        sizes = np.bincount(fold[train.labels == c], minlength=2)
+        assert abs(int(sizes[0]) - int(sizes[1])) <= 1
+    # refit fold 0's cascade by hand (same parameters and seed): fold 0's routes are its routes
+    keep = fold != 0
+    part = FeatureSet(train.features[keep], train.labels[keep], np.bincount(train.labels[keep], minlength=10),
+                      train.class_names, name="train")
+    sub = FlowCascade(**{**params, "route_folds": 0, "seed": 1}).fit(part, val)
+    route = sub.route(train.features[~keep])
+    assert torch.equal(cascade.oof_stage_[torch.as_tensor(~keep)], route.stage)
+    torch.testing.assert_close(cascade.oof_priors_[0], sub.cluster_priors_)
+    # the wrapper trains its routed classifiers on these routes; its state reloads
+    method = make_method("dlsa+ce", {**HEAD, "dlsa": params}).set_cascade(cascade).fit(train, val)
+    assert [g["train_samples"] for g in method.selection()["groups"]] == [
+        int((cascade.oof_stage_ == f).sum()) for f in range(2)]
+    again = make_method("dlsa+ce", {**HEAD, "dlsa": params}).load_state_dict(method.state_dict())
+    np.testing.assert_array_equal(again.logits(xt), method.logits(xt))
+
+
+def _modes(seed, num_classes=6, modes=2, dim=4, n_max=120, n_min=12):
+    """Classes made of ``modes`` separate Gaussian modes (centres ``1.5 N(0, I)``, noise sd 0.4),
+    exponential train counts, balanced val (20) and test (40) per class."""
+    c = np.arange(num_classes)
+    counts = np.floor(n_max * (n_min / n_max) ** (c / (num_classes - 1)) + 0.5).astype(int)
+    centres = np.random.default_rng([seed, 0]).normal(size=(num_classes, modes, dim)) * 1.5
+    out = []
+    for sid, per in ((1, counts), (2, np.full(num_classes, 20)), (3, np.full(num_classes, 40))):
+        rng = np.random.default_rng([seed, sid])
+        y = np.repeat(c, per)
+        m = rng.integers(modes, size=len(y))
+        x = (rng.normal(size=(len(y), dim)) * 0.4 + centres[y, m]).astype(np.float32)
+        out.append(FeatureSet(x, y, counts, tuple(f"c{i}" for i in c), name=("train", "val", "test")[sid - 1]))
+    return out
+
+
+def test_dlsa_beats_its_head_where_classes_are_made_of_separate_modes():
+    """The paper's claim on a case built for it: a linear head cannot draw a class made of two
+    distant modes; the flows' clusters find the modes and the cluster prior P(y | k) names their
+    class, so the val gate keeps the cluster-aided classifiers and DLSA beats its head on test.
+    Seeds 0-3 of this set gave +7.1, +19.6, +11.7 and +28.3 points of test balanced accuracy."""
+    train, val, test = _modes(seed=2)
+    head = make_method("ce", {"epochs": 20, "batch_size": 32, "seed": 0, "device": "cpu"}).fit(train, val)
+    method = make_method("dlsa+ce", {"epochs": 20, "batch_size": 32, "seed": 0, "device": "cpu",
+                                     "dlsa": {"flow_hidden": 32, "flow_epochs": 15, "flow_batch_size": 64,
+                                              "num_clusters": 12, "device": "cpu"}})
+    method = method.with_base(Frozen(head)).fit(train, val)
+    assert any(g["uses"] == "classifier" for g in method.selection()["groups"])
+    assert _val_balanced_accuracy(method, test) > _val_balanced_accuracy(head, test) + 0.05
