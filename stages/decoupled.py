@@ -21,6 +21,7 @@ from longtail.stages.heads import (
     BATCH_SIZE,
     EPOCHS,
     LR,
+    MAX_ITER,
     WEIGHT_DECAY,
     TrainedHead,
     balanced_accuracy,
@@ -44,6 +45,7 @@ class ClassifierRetrainingHead(TrainedHead):
     """
 
     name = "crt"
+    auto_solver = "lbfgs"
     sampling = "class"
 
     def logit_prior(self) -> np.ndarray:
@@ -63,11 +65,13 @@ class TauNormHead(TrainedHead):
     """
 
     name = "tau-norm"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, tau: float | None = None, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.tau = tau
 
     def _check_params(self, num_classes: int) -> None:
@@ -152,6 +156,7 @@ class LearnableWeightScalingHead(TrainedHead):
     """
 
     name = "lws"
+    auto_solver = "lbfgs"
 
     def new_module(self, dim: int, num_classes: int) -> nn.Module:
         return ScaledClassifier(dim, num_classes)

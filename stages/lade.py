@@ -31,7 +31,7 @@ import torch
 
 from longtail.stages.base import FitContext
 from longtail.stages.calibrate import as_prior, validate_prior
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, TrainedHead
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, MAX_ITER, WEIGHT_DECAY, TrainedHead
 from longtail.stages.losses.lade import lade_loss
 from longtail.stages.train.data import TrainData
 from longtail.stages.train.objective import LossObjective, Objective
@@ -52,12 +52,14 @@ class LADEHead(TrainedHead):
     """
 
     name = "lade"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, alpha: float = ALPHA, lam: float = LAMBDA, target_prior: Sequence[float] | None = None,
                  epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.alpha = alpha
         self.lam = lam
         self.target_prior = target_prior
