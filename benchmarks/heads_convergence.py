@@ -19,9 +19,11 @@ A script, not a test: seeded and reproducible, nothing in it asserts a time. Thr
    iterations; ``tau-norm``'s tau chosen on val from the same grid. Also scikit-learn's
    ``LogisticRegression`` (its defaults, ``C = 1``; logit adjustment by subtracting ``log p_s``
    from its logits) as an outside anchor. Test balanced accuracy, in %.
+   Beside them: the head at ten times its default training (``max_iter`` x10 for L-BFGS heads,
+   ``epochs`` and ``min_steps`` x10 for SGD heads) and the training before issue 11 (``solver:
+   sgd``, ``min_steps: 0``: 30 epochs of minibatch SGD).
 2. **digits**: ``digits-lt`` features from the built-in backbone (default config, seed 0): every
-   head at its defaults and at ten times its default training (``max_iter`` x10 for L-BFGS heads,
-   ``epochs`` and ``min_steps`` x10 for SGD heads); the gain.
+   head at its defaults, at ten times its default training, and as before issue 11; the gain.
 3. **decay**: how the default L2 strength was chosen: val balanced accuracy of ``ce``,
    ``balanced-softmax`` and ``crt`` (L-BFGS) over a grid of ``weight_decay`` on two *other*
    synthetic sets (seeds 11 and 12; 50 classes of 32-d and 100 classes of 128-d), never on the
@@ -53,7 +55,7 @@ from longtail.stages.registry import make_method
 
 HEADS = ("ce", "balanced-softmax", "logit-adjust", "cb-ce", "focal", "crt", "tau-norm", "lws", "lade",
          "cosine", "ldam-drw")
-DECAY_GRID = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3)
+DECAY_GRID = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 
 
 # ============================================================================== data
@@ -190,41 +192,54 @@ def times_ten(name: str) -> dict:
     return {"epochs": 10 * head.epochs, "min_steps": 10 * head.min_steps}
 
 
+def old_default(name: str) -> dict:
+    """The training before issue 11: 30 epochs of minibatch SGD."""
+    head = make_method(name, {})
+    return {"solver": "sgd", "min_steps": 0} if "solver" in head.get_params() else {}
+
+
 def part_gauss(heads) -> list[str]:
     train, val, test = gauss_sets()
-    rows = ["| head | solver | default (%) | plain reference (%) | difference | fit time |", "|---|---|---|---|---|---|"]
+    rows = ["| head | solver | default (%) | plain reference (%) | difference | x10 training (%) | "
+            "before (30 SGD epochs) (%) | fit time |", "|---|---|---|---|---|---|---|---|"]
     for name in heads:
         acc, sec = fit_head(name, train, val, test)
         ref = reference(name, train, val, test)
+        acc10, _ = fit_head(name, train, val, test, **times_ten(name))
+        old, _ = fit_head(name, train, val, test, **old_default(name))
         solver = make_method(name, {}).resolved_solver()
-        rows.append(f"| `{name}` | {solver} | {acc:.1f} | {ref:.1f} | {acc - ref:+.1f} | {sec:.1f} s |")
+        rows.append(f"| `{name}` | {solver} | {acc:.1f} | {ref:.1f} | {acc - ref:+.1f} | {acc10:.1f} | {old:.1f} "
+                    f"| {sec:.1f} s |")
         print(rows[-1], flush=True)
-    rows.append(f"| scikit-learn `LogisticRegression()` (C = 1) | lbfgs | | {sklearn_anchor(train, test, False):.1f} | | |")
-    rows.append(f"| the same, logit-adjusted (- log p_s) | lbfgs | | {sklearn_anchor(train, test, True):.1f} | | |")
+    rows.append(f"| scikit-learn `LogisticRegression()` (C = 1) | lbfgs | | {sklearn_anchor(train, test, False):.1f} "
+                "| | | | |")
+    rows.append(f"| the same, logit-adjusted (- log p_s) | lbfgs | | {sklearn_anchor(train, test, True):.1f} | | | | |")
     print("\n".join(rows[-2:]), flush=True)
     return rows
 
 
 def part_digits(heads) -> list[str]:
     train, val, test = digits_sets()
-    rows = ["| head | solver | default (%) | x10 training (%) | gain | x10 is |", "|---|---|---|---|---|---|"]
+    rows = ["| head | solver | default (%) | x10 training (%) | gain | x10 is | before (30 SGD epochs) (%) |",
+            "|---|---|---|---|---|---|---|"]
     for name in heads:
         acc, _ = fit_head(name, train, val, test)
         more = times_ten(name)
         acc10, _ = fit_head(name, train, val, test, **more)
+        old, _ = fit_head(name, train, val, test, **old_default(name))
         solver = make_method(name, {}).resolved_solver()
         what = ", ".join(f"{k} {v}" for k, v in more.items())
-        rows.append(f"| `{name}` | {solver} | {acc:.1f} | {acc10:.1f} | {acc10 - acc:+.1f} | {what} |")
+        rows.append(f"| `{name}` | {solver} | {acc:.1f} | {acc10:.1f} | {acc10 - acc:+.1f} | {what} | {old:.1f} |")
         print(rows[-1], flush=True)
     return rows
 
 
-def part_decay() -> list[str]:
+def part_decay(heads) -> list[str]:
     sets = {"50 classes, 32-d (seed 11)": gauss_sets(seed=11, num_classes=50, dim=32, mean_scale=0.7),
             "100 classes, 128-d (seed 12)": gauss_sets(seed=12, dim=128, mean_scale=0.35)}
     rows = ["| set | head | " + " | ".join(f"{g:g}" for g in DECAY_GRID) + " |", "|---" * (2 + len(DECAY_GRID)) + "|"]
     for label, (train, val, _) in sets.items():
-        for name in ("ce", "balanced-softmax", "crt"):
+        for name in [h for h in heads if make_method(h, {}).resolved_solver() == "lbfgs"]:
             accs = [fit_head(name, train, val, val, weight_decay=g)[0] for g in DECAY_GRID]
             rows.append(f"| {label} | `{name}` | " + " | ".join(f"{a:.1f}" for a in accs) + " |")
             print(rows[-1], flush=True)
@@ -240,7 +255,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     heads = [h for h in args.heads.split(",") if h]
     t0 = time.perf_counter()
-    for part, fn in (("decay", lambda: part_decay()), ("gauss", lambda: part_gauss(heads)),
+    for part, fn in (("decay", lambda: part_decay(heads)), ("gauss", lambda: part_gauss(heads)),
                      ("digits", lambda: part_digits(heads))):
         if args.part in ("all", part):
             print(f"\n## {part}\n", flush=True)
