@@ -152,7 +152,10 @@ class LearnableWeightScalingHead(TrainedHead):
     Stage 1 fits a linear cross-entropy head with instance-balanced sampling (the same head, with
     the same seed, as ``ce``); stage 2 freezes its weights and bias and learns one scale per class,
     ``z_c = s_c (w_c . x + b_c)``, with class-balanced sampling (same epochs and lr, no weight
-    decay on the scales, which would pull them to 0 rather than to 1).
+    decay on the scales, which would pull them to 0 rather than to 1). Under the default full-batch
+    L-BFGS both stages are convex and solved to convergence; the scales are then held to 1 by the
+    same ridge (``weight_decay / 2 ||s - 1||^2``), without which they would grow without bound
+    wherever the frozen classifier separates the train split.
     """
 
     name = "lws"

@@ -1,10 +1,17 @@
 """Stage-2 heads: the public head protocol :class:`TrainedHead`, and the heads that only swap a loss.
 
 Every head is a classifier trained on fixed (cached) backbone features by the one training loop,
-:func:`longtail.stages.train.engine.fit_module`: the train features put on the configured device
-once, batches drawn from a seeded ``torch.Generator`` (instance-balanced or class-balanced
-sampling), SGD with momentum 0.9 and a cosine learning-rate schedule, one progress bar over epochs
-(quiet when not on a terminal). A head declares three things (the protocol, also what composites
+:func:`longtail.stages.train.engine.fit_module`, with the train features put on the configured
+device once. Its solver (``solver``: ``auto``, ``lbfgs`` or ``sgd``) follows one rule: ``auto`` is
+full-batch L-BFGS to convergence (:func:`~longtail.stages.train.engine.fit_full_batch`: the
+sampler's expected loss plus the ridge ``weight_decay / 2 ||theta||^2``, stopped at a largest
+gradient entry of 1e-5, a relative change of 1e-9 or ``max_iter`` iterations) for the heads whose
+objective is a smooth full-batch function of a linear module (:attr:`TrainedHead.auto_solver`;
+convex for the cross-entropy family), and minibatch SGD for the others (batches drawn from a
+seeded ``torch.Generator``, instance- or class-balanced, momentum 0.9, a cosine learning-rate
+schedule, ``epochs`` but at least ``min_steps`` steps). ``solver = "sgd"`` is the training of the
+heads before issue 11, bit for bit; the ridge default ``5e-4`` serves both solvers (README,
+"Heads at their defaults", for how it was chosen). A head declares three things (the protocol, also what composites
 such as DLSA and users' own heads build on): its module (:meth:`TrainedHead.new_module`), its
 objective (:meth:`TrainedHead.objective`) and its optimiser settings
 (:meth:`TrainedHead.optim_config`), plus the sampler (:attr:`TrainedHead.sampling`) and how the
@@ -57,7 +64,7 @@ __all__ = [
     "balanced_accuracy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
 ]
 
-# Defaults shared by every head. SGD on standardised features: with 30 epochs and a cosine schedule,
+# Defaults shared by every head. For the SGD solver, on standardised features: with 30 epochs and a cosine schedule,
 # lr 0.1 was within a point of balanced accuracy of the best of {0.05, 0.1, 0.2} for every head on a
 # synthetic 100-class, 512-d long-tailed problem (counts 500..5; 0.01 was worse where tried);
 # weight decay 5e-4 as in paper 002 (Sec. 6.2).
