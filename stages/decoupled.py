@@ -21,6 +21,7 @@ from longtail.stages.heads import (
     BATCH_SIZE,
     EPOCHS,
     LR,
+    MAX_ITER,
     WEIGHT_DECAY,
     TrainedHead,
     balanced_accuracy,
@@ -44,6 +45,7 @@ class ClassifierRetrainingHead(TrainedHead):
     """
 
     name = "crt"
+    auto_solver = "lbfgs"
     sampling = "class"
 
     def logit_prior(self) -> np.ndarray:
@@ -63,11 +65,13 @@ class TauNormHead(TrainedHead):
     """
 
     name = "tau-norm"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, tau: float | None = None, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.tau = tau
 
     def _check_params(self, num_classes: int) -> None:
@@ -148,10 +152,14 @@ class LearnableWeightScalingHead(TrainedHead):
     Stage 1 fits a linear cross-entropy head with instance-balanced sampling (the same head, with
     the same seed, as ``ce``); stage 2 freezes its weights and bias and learns one scale per class,
     ``z_c = s_c (w_c . x + b_c)``, with class-balanced sampling (same epochs and lr, no weight
-    decay on the scales, which would pull them to 0 rather than to 1).
+    decay on the scales, which would pull them to 0 rather than to 1). Under the default full-batch
+    L-BFGS both stages are convex and solved to convergence; the scales are then held to 1 by the
+    same ridge (``weight_decay / 2 ||s - 1||^2``), without which they would grow without bound
+    wherever the frozen classifier separates the train split.
     """
 
     name = "lws"
+    auto_solver = "lbfgs"
 
     def new_module(self, dim: int, num_classes: int) -> nn.Module:
         return ScaledClassifier(dim, num_classes)

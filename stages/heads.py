@@ -1,10 +1,17 @@
 """Stage-2 heads: the public head protocol :class:`TrainedHead`, and the heads that only swap a loss.
 
 Every head is a classifier trained on fixed (cached) backbone features by the one training loop,
-:func:`longtail.stages.train.engine.fit_module`: the train features put on the configured device
-once, batches drawn from a seeded ``torch.Generator`` (instance-balanced or class-balanced
-sampling), SGD with momentum 0.9 and a cosine learning-rate schedule, one progress bar over epochs
-(quiet when not on a terminal). A head declares three things (the protocol, also what composites
+:func:`longtail.stages.train.engine.fit_module`, with the train features put on the configured
+device once. Its solver (``solver``: ``auto``, ``lbfgs`` or ``sgd``) follows one rule: ``auto`` is
+full-batch L-BFGS to convergence (:func:`~longtail.stages.train.engine.fit_full_batch`: the
+sampler's expected loss plus the ridge ``weight_decay / 2 ||theta||^2``, stopped at a largest
+gradient entry of 1e-5, a relative change of 1e-9 or ``max_iter`` iterations) for the heads whose
+objective is a smooth full-batch function of a linear module (:attr:`TrainedHead.auto_solver`;
+convex for the cross-entropy family), and minibatch SGD for the others (batches drawn from a
+seeded ``torch.Generator``, instance- or class-balanced, momentum 0.9, a cosine learning-rate
+schedule, ``epochs`` but at least ``min_steps`` steps). ``solver = "sgd"`` is the training of the
+heads before issue 11, bit for bit; the ridge default ``5e-4`` serves both solvers (README,
+"Heads at their defaults", for how it was chosen). A head declares three things (the protocol, also what composites
 such as DLSA and users' own heads build on): its module (:meth:`TrainedHead.new_module`), its
 objective (:meth:`TrainedHead.objective`) and its optimiser settings
 (:meth:`TrainedHead.optim_config`), plus the sampler (:attr:`TrainedHead.sampling`) and how the
@@ -54,10 +61,10 @@ from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
 
 __all__ = [
     "TrainedHead", "LinearClassifier", "CosineClassifier", "ScaledClassifier", "balanced_moments",
-    "balanced_accuracy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY",
+    "balanced_accuracy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
 ]
 
-# Defaults shared by every head. SGD on standardised features: with 30 epochs and a cosine schedule,
+# Defaults shared by every head. For the SGD solver, on standardised features: with 30 epochs and a cosine schedule,
 # lr 0.1 was within a point of balanced accuracy of the best of {0.05, 0.1, 0.2} for every head on a
 # synthetic 100-class, 512-d long-tailed problem (counts 500..5; 0.01 was worse where tried);
 # weight decay 5e-4 as in paper 002 (Sec. 6.2).
@@ -66,6 +73,12 @@ LR = 0.1
 BATCH_SIZE = 256
 WEIGHT_DECAY = 5e-4
 MOMENTUM = 0.9
+#: at least this many SGD steps for the heads that keep minibatch SGD (``cosine``, ``ldam-drw``): 30
+#: epochs are 60 steps on digits-lt's 353 rows; 5,000 steps put both within about a point of ten
+#: times as many there (benchmarks/heads_convergence.py)
+SGD_MIN_STEPS = 5000
+#: L-BFGS iteration cap of the full-batch solver (a cap, not the usual stop: see the README's rule)
+MAX_ITER = 500
 #: rows per chunk when computing logits (bounds device memory, not a per-sample loop)
 LOGITS_CHUNK = 65536
 #: rows per chunk of :func:`balanced_moments`: float64 temporaries of 8192 x D (128 MiB at D = 2048;
@@ -141,12 +154,23 @@ class TrainedHead(Method):
     #: ``"instance"`` or ``"class"``
     sampling: ClassVar[str] = "instance"
 
+    #: what ``solver = "auto"`` means for this head: ``"lbfgs"`` where the objective is a smooth,
+    #: full-batch function of a linear module's parameters (the convex heads), ``"sgd"`` otherwise
+    #: (normalised modules, epoch schedules, per-batch randomness; the default for a subclass)
+    auto_solver: ClassVar[str] = "sgd"
+    #: the solvers this head can be trained by
+    solvers: ClassVar[tuple[str, ...]] = ("lbfgs", "sgd")
+
     def __init__(self, *, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.weight_decay = weight_decay
+        self.solver = solver
+        self.max_iter = max_iter
+        self.min_steps = min_steps
         self.seed = seed
         self.device = device
 
@@ -159,11 +183,25 @@ class TrainedHead(Method):
         """The training objective; plain cross-entropy unless a head says otherwise."""
         return LossObjective(cross_entropy)
 
+    def resolved_solver(self) -> str:
+        """``solver``, with ``"auto"`` resolved to the head's :attr:`auto_solver`."""
+        return self.auto_solver if self.solver == "auto" else str(self.solver)
+
     def optim_config(self, epochs: int | None = None) -> OptimConfig:
-        """SGD settings from the constructor parameters (``epochs`` replaced when given)."""
-        return OptimConfig(epochs=int(self.epochs if epochs is None else epochs), lr=float(self.lr),
-                           batch_size=int(self.batch_size), weight_decay=float(self.weight_decay),
-                           momentum=MOMENTUM)
+        """The solver's settings from the constructor parameters (``epochs`` replaced when given).
+
+        ``lbfgs``: full-batch L-BFGS to convergence (``max_iter``, ``weight_decay``; first trial
+        step 1; :func:`~longtail.stages.train.engine.fit_full_batch` states the stopping rule).
+        ``sgd``: minibatch SGD with momentum 0.9 and a cosine schedule from ``lr`` over ``epochs``
+        (at least ``min_steps`` steps).
+        """
+        epochs = int(self.epochs if epochs is None else epochs)
+        if self.resolved_solver() == "lbfgs":
+            return OptimConfig(epochs=epochs, lr=1.0, batch_size=int(self.batch_size), optimizer="lbfgs",
+                               weight_decay=float(self.weight_decay), max_iter=int(self.max_iter))
+        return OptimConfig(epochs=epochs, lr=float(self.lr), batch_size=int(self.batch_size),
+                           weight_decay=float(self.weight_decay), momentum=MOMENTUM,
+                           min_steps=int(self.min_steps))
 
     def scores(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits of standardised features ``x`` ``(B, D)`` from ``module``."""
@@ -179,7 +217,13 @@ class TrainedHead(Method):
         self._check("lr", self.lr, low=0, low_open=True)
         self._check("batch_size", self.batch_size, integer=True, low=1)
         self._check("weight_decay", self.weight_decay, low=0)
+        self._check("max_iter", self.max_iter, integer=True, low=1)
+        self._check("min_steps", self.min_steps, integer=True, low=0)
         self._check("seed", self.seed, integer=True, low=0)
+        allowed = ("auto", *self.solvers)
+        if self.solver not in allowed:
+            raise LongtailError(f"method {self.name!r}: solver = {self.solver!r} must be one of "
+                                f"{', '.join(map(repr, allowed))}")
         resolve_device(self.device)
 
     # ------------------------------------------------------------------ fit
@@ -259,12 +303,14 @@ class CrossEntropyHead(TrainedHead):
     """Linear classifier, softmax cross-entropy, instance-balanced sampling (the baseline)."""
 
     name = "ce"
+    auto_solver = "lbfgs"
 
 
 class BalancedSoftmaxHead(TrainedHead):
     """Linear classifier trained with Balanced Softmax (Ren et al. 2020); raw logits at test time."""
 
     name = "balanced-softmax"
+    auto_solver = "lbfgs"
 
     def objective(self, ctx: FitContext) -> Objective:
         return LossObjective(balanced_softmax_loss, class_counts=_counts(ctx))
@@ -280,11 +326,13 @@ class LogitAdjustHead(TrainedHead):
     """Linear classifier trained with the logit-adjusted loss (Menon et al. 2021); raw logits at test."""
 
     name = "logit-adjust"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, tau: float = 1.0, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.tau = tau
 
     def _check_params(self, num_classes: int) -> None:
@@ -317,11 +365,13 @@ class ClassBalancedCEHead(TrainedHead):
     """
 
     name = "cb-ce"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, beta: float = 0.99, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.beta = beta
 
     def _check_params(self, num_classes: int) -> None:
@@ -357,11 +407,13 @@ class FocalHead(TrainedHead):
     """Linear classifier trained with the softmax focal loss (Lin et al. 2017)."""
 
     name = "focal"
+    auto_solver = "lbfgs"
 
     def __init__(self, *, gamma: float = 2.0, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = 0, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.gamma = gamma
 
     def _check_params(self, num_classes: int) -> None:
@@ -384,9 +436,10 @@ class CosineHead(TrainedHead):
     name = "cosine"
 
     def __init__(self, *, scale: float = 16.0, learn_scale: bool = True, epochs: int = EPOCHS, lr: float = LR,
-                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = SGD_MIN_STEPS, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.scale = scale
         self.learn_scale = learn_scale
 
@@ -408,6 +461,22 @@ def deferred_reweighting_epoch(epochs: int, drw_start: float) -> int:
     return int(math.floor(float(drw_start) * int(epochs) + 1e-9))  # 1e-9: 0.8 * 200 is 159.999...
 
 
+class DeferredReweightingObjective(LossObjective):
+    """:func:`~stages.losses.ldam_loss` with ``weight`` from epoch
+    :func:`deferred_reweighting_epoch` of the fit's epochs on: ``epochs`` until the fit starts, then
+    the epochs the fit really runs (``config.total_epochs``: more than ``epochs`` when ``min_steps``
+    asks for them), so the re-weighted share stays the last ``1 - drw_start`` of the training."""
+
+    def __init__(self, weight: torch.Tensor, drw_start: float, epochs: int, **stats: Any):
+        super().__init__(ldam_loss, epoch_stats=lambda epoch: {"weight": weight if epoch >= self.start else None},
+                         **stats)
+        self.drw_start = drw_start
+        self.start = deferred_reweighting_epoch(epochs, drw_start)
+
+    def on_fit_start(self, state) -> None:
+        self.start = deferred_reweighting_epoch(state.config.total_epochs(len(state.data)), self.drw_start)
+
+
 class LDAMDRWHead(TrainedHead):
     """LDAM loss with deferred re-weighting (Cao et al., NeurIPS 2019, Sec. 3.2-3.3, Algorithm 1).
 
@@ -419,12 +488,14 @@ class LDAMDRWHead(TrainedHead):
     """
 
     name = "ldam-drw"
+    solvers = ("sgd",)  # deferred re-weighting is an epoch schedule: a minibatch notion
 
     def __init__(self, *, max_margin: float = 0.5, scale: float = 30.0, drw_start: float = 0.8,
                  beta: float = 0.9999, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, solver: str = "auto", max_iter: int = MAX_ITER,
+                 min_steps: int = SGD_MIN_STEPS, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         solver=solver, max_iter=max_iter, min_steps=min_steps, seed=seed, device=device)
         self.max_margin = max_margin
         self.scale = scale
         self.drw_start = drw_start
@@ -444,9 +515,9 @@ class LDAMDRWHead(TrainedHead):
         """:func:`~stages.losses.ldam_loss`, with the class-balanced weights from the epoch
         :func:`deferred_reweighting_epoch` on (the objective reads the batch's epoch)."""
         weight = torch.as_tensor(class_balanced_weights(ctx.class_counts, float(self.beta)), device=ctx.device)
-        start = deferred_reweighting_epoch(self.epochs, self.drw_start)
-        return LossObjective(ldam_loss, epoch_stats=lambda epoch: {"weight": weight if epoch >= start else None},
-                             class_counts=_counts(ctx), max_margin=float(self.max_margin), scale=float(self.scale))
+        return DeferredReweightingObjective(weight, float(self.drw_start), int(self.epochs),
+                                            class_counts=_counts(ctx), max_margin=float(self.max_margin),
+                                            scale=float(self.scale))
 
     def scores(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return float(self.scale) * module(x)

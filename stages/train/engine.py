@@ -1,4 +1,4 @@
-"""The one minibatch training loop of every trained method: :func:`fit_module`.
+"""The one training loop of every trained method: :func:`fit_module` (minibatch, or full batch).
 
 Heads, LWS's two phases, LDAM-DRW, Heuristic-CALA and Dynamic-LA, LADE, DLSA's flow filters and
 cluster-aided classifiers and the stage-1 CNN all train here. What a method customises it gives as
@@ -13,6 +13,10 @@ in ``no_decay``; rows drawn from one seeded ``torch.Generator`` on the data's de
 per epoch (the epoch's mean loss and terms), with a :class:`LongtailError` naming the fit, the epoch
 and the learning rate when one is not finite; a progress bar over epochs, quiet off a terminal; eval
 mode and frozen parameters at the end.
+
+The full-batch solver (``OptimConfig(optimizer="lbfgs")``, :func:`fit_full_batch`) serves the
+convex linear heads on cached features: the same objective, sampler and parameters, solved to
+convergence by L-BFGS instead of run for a fixed number of minibatch epochs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from tqdm.auto import tqdm
 from longtail.stages.errors import LongtailError
 from longtail.stages.train.data import Batch, TrainData
 from longtail.stages.train.objective import Objective, StepOutput
-from longtail.stages.train.samplers import InstanceSampler
+from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
 from longtail.stages.train.state import OptimConfig, TrainState
 
 
@@ -35,6 +39,11 @@ from longtail.stages.train.state import OptimConfig, TrainState
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum),
     "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr),
+    # one group (L-BFGS takes no per-group options): fit_full_batch adds the weight decay itself
+    "lbfgs": lambda groups, c: torch.optim.LBFGS(
+        [p for g in groups for p in g["params"]], lr=c.lr, max_iter=int(c.max_iter),
+        max_eval=2 * int(c.max_iter), tolerance_grad=float(c.tol_grad),
+        tolerance_change=float(c.tol_change), history_size=int(c.history_size), line_search_fn="strong_wolfe"),
 }
 
 
@@ -90,15 +99,26 @@ def fit_module(module: nn.Module, data: TrainData, objective: Objective, config:
     :class:`~longtail.stages.train.samplers.InstanceSampler`), then batches of ``batch_size`` of
     them in order, each through ``step`` and ``on_batch_end``; then one device sync for the epoch's
     means (``loss`` and every term, weighted by batch size), the finite check and ``on_epoch_end``.
+    The number of epochs is ``config.total_epochs(len(data))`` (``epochs``, more if ``min_steps``
+    asks for them).
+
+    A full-batch ``config`` (``optimizer="lbfgs"``) goes to :func:`fit_full_batch` instead; it
+    takes the plain step rule only.
     """
+    if config.full_batch:
+        if step is not plain_step:
+            raise ValueError(f"{desc}: the full-batch solver {config.optimizer!r} has its own step rule")
+        return fit_full_batch(module, data, objective, config, generator=generator, sampler=sampler,
+                              params=params, desc=desc)
     n = len(data)
     sampler = InstanceSampler() if sampler is None else sampler
+    epochs = config.total_epochs(n)
     optimizer = OPTIMIZERS[config.optimizer](param_groups(module, config.weight_decay, params), config)
-    scheduler = cosine_schedule(optimizer, int(config.epochs) * config.steps_per_epoch(n))
+    scheduler = cosine_schedule(optimizer, epochs * config.steps_per_epoch(n))
     state = TrainState(module, optimizer, scheduler, generator, data, config, desc=desc)
     objective.on_fit_start(state)
     module.train()
-    bar = tqdm(range(int(config.epochs)), desc=desc, unit="epoch", disable=None, leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None, leave=False)
     for epoch in bar:
         state.epoch = epoch
         objective.on_epoch_start(state)
@@ -125,6 +145,128 @@ def fit_module(module: nn.Module, data: TrainData, objective: Objective, config:
         objective.on_epoch_end(state, means)
         bar.set_postfix(loss=f"{means['loss']:.4g}")
     bar.close()
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return state
+
+
+# ---------------------------------------------------------------------- the full-batch solver
+def full_batch_groups(sampler: Sampler | None, data: TrainData) -> list[tuple[torch.Tensor, float]]:
+    """The sampler's expected loss as ``(rows, weight)`` pairs: ``sum_g weight_g * loss(rows_g)``.
+
+    Instance sampling (or none): every row at once, weight 1. Class-balanced sampling
+    (:class:`~longtail.stages.train.samplers.ClassBalancedSampler`) draws a stratum uniformly, then
+    a row of it: its expected minibatch loss is the mean over the ``S`` strata of each stratum's
+    mean loss, so one group per stratum with weight ``1 / S``. A loss that is not a mean over rows
+    (LADE's batch estimates) sees each stratum as one batch, as a class-balanced minibatch would
+    see a mixture of them. Another sampler has no stated expectation: ``ValueError`` (a bug)."""
+    n = len(data)
+    if sampler is None or isinstance(sampler, InstanceSampler):
+        return [(torch.arange(n, device=data.x.device), 1.0)]
+    if isinstance(sampler, ClassBalancedSampler):
+        seg = sampler.segments
+        bounds = torch.stack([seg.offsets, seg.counts]).cpu().tolist()  # one host copy, S strata
+        weight = 1.0 / sampler.num_strata  # num_strata >= 1: every stratum has a row (checked)
+        return [(seg.order[o:o + c], weight) for o, c in zip(*bounds)]
+    raise ValueError(f"the full-batch solver knows the expected loss of instance and class-balanced "
+                     f"sampling, not of {type(sampler).__name__}")
+
+
+def fit_full_batch(module: nn.Module, data: TrainData, objective: Objective, config: OptimConfig, *,
+                   generator: torch.Generator, sampler: Sampler | None = None,
+                   params: Iterable[tuple[str, nn.Parameter]] | None = None, desc: str = "head") -> TrainState:
+    """Minimise the full-batch objective of ``module`` on ``data`` by L-BFGS; returns the state.
+
+    The objective is ``sum_g w_g objective.loss(rows_g)`` (:func:`full_batch_groups`: the expected
+    loss of ``sampler``) plus the ridge ``weight_decay / 2 * ||theta||^2`` over the parameters that
+    decay; a parameter the module names in ``no_decay`` (a scale, which decay would pull to 0) is
+    instead held to its value at the start of the fit with the same strength, ``weight_decay / 2 *
+    ||theta - theta_0||^2``, so that the problem has a finite minimiser even on separable data
+    (unregularised L-BFGS on separable data grows the weights without bound). With torch's SGD
+    convention (``grad += weight_decay * theta``) this is the same regularised problem the
+    minibatch solver's weight decay approximately solves.
+
+    Solver: :class:`torch.optim.LBFGS` with a strong-Wolfe line search, first trial step
+    ``config.lr``, ``config.history_size`` correction pairs. Stopping rule: the largest absolute
+    gradient entry of the objective at most ``config.tol_grad``, or a change of the objective
+    between iterations below ``config.tol_change`` times its initial value, or ``config.max_iter``
+    iterations (or ``2 * max_iter`` function evaluations), whichever comes first; what happened is
+    recorded in ``state.solver``. The data is seen as one batch: with the hooks ``on_fit_start``,
+    ``on_epoch_start`` (epoch 0) before the solve, and after it one pass at the solution through
+    ``on_batch_end`` (per group), the finite check and ``on_epoch_end`` with the data loss and terms
+    (``state.history`` holds that one entry). Nothing is drawn from ``generator``.
+    """
+    groups_rows = full_batch_groups(sampler, data)
+    groups = param_groups(module, config.weight_decay, params)
+    optimizer = OPTIMIZERS[config.optimizer](groups, config)
+    state = TrainState(module, optimizer, None, generator, data, config, desc=desc)
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    anchored = [(p, p.detach().clone()) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    wd = float(config.weight_decay)
+    batches = [data.batch(rows, 0, 0) for rows, _ in groups_rows]
+
+    def data_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor], list[StepOutput]]:
+        outs = [objective.loss(module, batch, state) for batch in batches]
+        loss = sum(w * out.loss for (_, w), out in zip(groups_rows, outs))
+        terms: dict[str, torch.Tensor] = {}
+        for (_, w), out in zip(groups_rows, outs):
+            for key, value in out.terms.items():
+                terms[key] = terms[key] + w * value if key in terms else w * value
+        return loss, terms, outs
+
+    def penalty() -> torch.Tensor | float:
+        if wd == 0.0:
+            return 0.0
+        ridge = sum(p.square().sum() for p in decayed) + sum((p - p0).square().sum() for p, p0 in anchored)
+        return 0.5 * wd * ridge
+
+    bar = tqdm(desc=desc, unit="eval", disable=None, leave=False)
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        optimizer.zero_grad(set_to_none=True)
+        total = data_loss()[0] + penalty()
+        total.backward()
+        evaluations += 1
+        bar.update(1)
+        return total
+
+    objective.on_fit_start(state)
+    module.train()
+    objective.on_epoch_start(state)
+    with torch.no_grad():
+        initial = float(data_loss()[0] + penalty())
+    # the change tolerance relative to the initial objective (a mean loss, so of order 1)
+    optimizer.param_groups[0]["tolerance_change"] = float(config.tol_change) * max(abs(initial), 1e-12)
+    if math.isfinite(initial):
+        optimizer.step(closure)
+    bar.close()
+    lbfgs = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    iterations = int(lbfgs.get("n_iter", 0))
+    state.step = iterations
+    optimizer.zero_grad(set_to_none=True)  # one pass at the solution: its loss, terms and gradient
+    loss, terms, outs = data_loss()
+    (loss + penalty()).backward()
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_max = max((float(gr.abs().max()) for gr in grads), default=0.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
+    stopped = ("max_iter" if iterations >= int(config.max_iter) else
+               "max_eval" if int(lbfgs.get("func_evals", 0)) >= 2 * int(config.max_iter) else
+               "tol_grad" if grad_max <= float(config.tol_grad) else "tol_change")
+    state.solver = {"iterations": iterations, "evaluations": evaluations, "grad_max": grad_max,
+                    "stopped": stopped}
+    for batch, out in zip(batches, outs):
+        objective.on_batch_end(state, batch, out)
+    means = {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise LongtailError(
+            f"{desc}: the training loss became {means['loss']} in the full-batch L-BFGS fit (after "
+            f"{iterations} iterations): raise weight_decay (now {config.weight_decay}) or use solver 'sgd'")
+    state.history.append(means)
+    objective.on_epoch_end(state, means)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

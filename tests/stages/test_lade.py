@@ -114,12 +114,18 @@ def separable():
     return FeatureSet(x, y, TRAIN_COUNTS, NAMES, name="train"), xt, yt
 
 
-# full batch (the Monte-Carlo estimates of eq. 11-13 are then exact), no weight decay
+# full batch (the Monte-Carlo estimates of eq. 11-13 are then exact; lade's default solver is
+# full-batch L-BFGS), no weight decay
 FULL = {"batch_size": 512, "epochs": 60, "weight_decay": 0.0, "seed": 0}
 
 
 def test_positive_logits_approach_log_c_as_alpha_grows(separable):
-    """Paper 002, figure 3 / eq. 21: the mean true-class logit moves towards log C as alpha grows."""
+    """Paper 002, figure 3 / eq. 21: LADER levels the true-class logits near log C.
+
+    At the optimum (L-BFGS, float32; SciPy's L-BFGS-B in float64 gives the same distances 0.117,
+    0.026, 0.156) the distance is not monotone in alpha on a linear model, whose logits are not
+    free as eq. 21 assumes; under-trained SGD made it look so. What holds: every alpha > 0 puts the
+    mean true-class logit near log C, and Balanced Softmax (alpha = 0) far from any level."""
     train, xt, yt = separable
     distance = []
     for alpha in (0.0, 0.1, 1.0, 10.0):
@@ -127,8 +133,7 @@ def test_positive_logits_approach_log_c_as_alpha_grows(separable):
         assert (z.argmax(1) == yt).mean() == 1.0  # separable: the regulariser costs no accuracy
         distance.append(abs(float(z[np.arange(len(yt)), yt].mean()) - math.log(C)))
     assert distance[0] > 2.0, distance  # alpha = 0 (Balanced Softmax): logits grow without a level
-    assert all(a > b for a, b in zip(distance, distance[1:])), distance
-    assert distance[-1] < 0.3, distance
+    assert max(distance[1:]) < 0.2, distance
 
 
 def test_target_prior_is_injected_as_eq_17(separable):

@@ -213,7 +213,12 @@ def test_optimizer_table():
     adam = OPTIMIZERS["adam"]([{"params": [p]}], config)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.7 and sgd.defaults["lr"] == 0.3
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.3
-    assert set(OPTIMIZERS) == {"sgd", "adam"}
+    lbfgs = OPTIMIZERS["lbfgs"]([{"params": [p]}, {"params": [q := nn.Parameter(torch.zeros(1))]}],
+                                OptimConfig(epochs=1, lr=1.0, batch_size=1, optimizer="lbfgs", max_iter=7))
+    assert isinstance(lbfgs, torch.optim.LBFGS) and lbfgs.defaults["max_iter"] == 7
+    assert lbfgs.defaults["line_search_fn"] == "strong_wolfe" and lbfgs.defaults["max_eval"] == 14
+    assert lbfgs.param_groups[0]["params"] == [p, q]  # one group: L-BFGS takes no per-group options
+    assert set(OPTIMIZERS) == {"sgd", "adam", "lbfgs"}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -5,6 +5,12 @@ set, same seeds, one thread: the redesign keeps the order of random draws, so th
 bit-identical float32 logits. A change of a default or of a method's maths (the fidelity issue)
 updates the method's entry of ``golden.npz`` in the commit that changes it, saying why:
 ``python -m tests.stages.train.test_golden NAME [NAME ...]`` re-records those entries.
+
+Issue 11 made full-batch L-BFGS the default solver of the convex heads and gave the SGD heads
+``cosine`` and ``ldam-drw`` a step budget: the pre-engine numbers stay pinned for ``solver: sgd``
+and ``min_steps: 0``, the paths kept bit-identical, and the new defaults are pinned by value in
+``golden_lbfgs.npz`` to the solver's tolerance (a converged solution depends neither on the
+machine's rounding nor on the initial draw).
 """
 
 from pathlib import Path
@@ -38,7 +44,24 @@ METHODS = [k for k in GOLDEN.files if not k.startswith("cnn.")]
 RTOL = ATOL = 1e-4
 
 
+#: the heads whose default solver became full-batch L-BFGS (issue 11): their pinned pre-engine
+#: numbers are those of ``solver: sgd``
+LBFGS_BY_DEFAULT = ("ce", "balanced-softmax", "logit-adjust", "cb-ce", "focal", "crt", "tau-norm", "lws", "lade",
+                    "ce+pc", "ce+ts", "dlsa+ce")
+#: the heads that kept SGD but got a step budget (``min_steps``): ``min_steps: 0`` is the old path
+MIN_STEPS_BY_DEFAULT = ("cosine", "ldam-drw")
+
+
 def _params(name):
+    p = _default_params(name)
+    if name in LBFGS_BY_DEFAULT:
+        p["solver"] = "sgd"
+    if name in MIN_STEPS_BY_DEFAULT:
+        p["min_steps"] = 0
+    return p
+
+
+def _default_params(name):
     p = {"epochs": 4, "batch_size": 16, "seed": 3, "device": "cpu"}
     if name.startswith("dlsa"):
         p = {"epochs": 2, "batch_size": 16, "seed": 3, "device": "cpu",
@@ -58,6 +81,33 @@ def test_logits_are_those_of_the_pre_engine_trainers(name):
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(z, GOLDEN[name], rtol=RTOL, atol=ATOL)
+
+
+LBFGS_PINS = np.load(Path(__file__).with_name("golden_lbfgs.npz"))
+
+
+def _fit_logits(params, name):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_method(name, params).fit(train, val).logits(test.features)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", [n for n in LBFGS_BY_DEFAULT if not n.startswith("dlsa")])
+def test_lbfgs_defaults_give_the_pinned_converged_logits(name):
+    pinned = LBFGS_PINS[name]
+    z = _fit_logits(_default_params(name), name)
+    np.testing.assert_allclose(z, pinned, atol=0.02)  # logits up to 18; seed-to-seed spread < 0.008
+    assert np.array_equal(z.argmax(1), pinned.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["ce", "lws"])
+def test_lbfgs_defaults_do_not_depend_on_the_initial_draw(name):
+    z = _fit_logits(_default_params(name), name)
+    other = _fit_logits({**_default_params(name), "seed": 8}, name)
+    np.testing.assert_allclose(z, other, atol=0.02)
 
 
 def test_the_stage_1_cnn_trains_to_the_weights_of_the_pre_engine_code():
