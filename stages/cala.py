@@ -93,7 +93,9 @@ def default_tau1(class_counts) -> float:
     """tau1 from the train imbalance ratio ``rho = max count / min count`` (paper 000, Fig. 5: 1 is
     best at 10:1, 1.5 at 100:1): linear in ``log10 rho`` between them, 1 below 10:1, 1.5 above 100:1."""
     counts = np.asarray(class_counts, dtype=np.float64)
-    rho = counts.max() / max(counts.min(), 1.0)  # guards a class without samples (counts are checked > 0 in fit)
+    # scale-free, so a prior gives the ratio of its counts; the floor guards a class without samples
+    # (counts are checked > 0 in fit): it makes rho huge, hence tau1 = 1.5
+    rho = counts.max() / max(counts.min(), np.finfo(np.float64).tiny)
     return 1.0 + 0.5 * float(np.clip(np.log10(rho) - 1.0, 0.0, 1.0))
 
 

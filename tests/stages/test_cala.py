@@ -374,6 +374,8 @@ def test_v_of_a_class_without_label_mass_by_hand():
 def test_tau1_default_from_the_imbalance_ratio(counts, want):
     """Paper 000, Fig. 5: tau1 = 1 at 10:1, 1.5 at 100:1; linear in log10 of the ratio in between."""
     assert cala_module.default_tau1(np.array(counts)) == pytest.approx(want)
+    # scale-free: the train prior gives the tau1 of its counts (logit_prior passes the prior)
+    assert cala_module.default_tau1(np.array(counts) / sum(counts)) == pytest.approx(want)
 
 
 def test_the_heads_use_the_tau1_of_their_imbalance_ratio(test_x):
@@ -389,6 +391,10 @@ def test_the_heads_use_the_tau1_of_their_imbalance_ratio(test_x):
     np.testing.assert_array_equal(
         make_method("cala-no-v", FAST).fit(steep).logits(test_x),
         make_method("cala-no-v", {**FAST, "tau1": 1.5}).fit(steep).logits(test_x))
+    # the logits carry p_tr^(1 - 1.5) there, not a uniform prior
+    prior = np.array((300, 60, 12, 3), dtype=np.float64) / 375
+    want = prior ** -0.5 / (prior ** -0.5).sum()
+    np.testing.assert_allclose(logit_prior(make_method("heuristic-cala", {**FAST, "k": 5}).fit(steep)), want, rtol=1e-9)
 
 
 def _reference():
