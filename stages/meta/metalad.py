@@ -207,7 +207,7 @@ class MetaLADHead(MetaHead):
 
     def _check_params(self, num_classes: int) -> None:
         super()._check_params(num_classes)
-        self._check("eta2", self.eta2, low=0)
+        self._check("eta2", self.eta2, low=0, high=float(torch.finfo(torch.float32).max))  # an SGD lr in float32
         self._check("lambda_init", self.lambda_init)
         self._check("stats_interval", self.stats_interval, integer=True, low=1)
         terms = [self.terms] if isinstance(self.terms, str) else self.terms
