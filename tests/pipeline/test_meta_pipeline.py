@@ -43,7 +43,7 @@ def test_store_without_val_split(tmp_path, feature_files, write_config):
     assert r.exit_code == 0, r.output
     bad = write_config({"store": str(store), "output": str(tmp_path / "a"),
                         "methods": [{"name": "meta-cb", "params": FAST}]}, name="a.yaml")
-    assert_user_error(invoke("run", bad, "--no-prefect"), "'val'", "meta-set", "source: val")
+    assert_user_error(invoke("run", bad, "--no-prefect"), "'val'", "meta-set", "source: val", "method 'meta-cb'")
     good = write_config({"store": str(store), "output": str(tmp_path / "b"),
                          "methods": [{"name": "metalad", "params": {**FAST, "meta_source": "train",
                                                                      "meta_per_class": 3}}]}, name="b.yaml")
