@@ -2,7 +2,7 @@
 
 Every payload there (one per method label) has ``method``, ``meta_source``, ``meta_rows``,
 ``meta_start_epoch`` and ``meta_loss`` (per epoch, ``None`` before the meta stage); what moved is
-method-specific: ``eps_scale`` (``meta-cb``: median ``|ε|`` over median class weight per epoch) or
+method-specific: ``eps_scale`` (``meta-cb``: mean ``|ε|`` over mean class weight of the rows, per epoch) or
 ``lambda_moved`` and ``delta_mean_abs`` (``metalad``: the largest ``|Λ − Λ_0|``, the mean size of the
 adjustment). A payload without either is reported with its meta loss only. The table says when a meta
 step barely moved anything (below :data:`BARELY`), so that "no gain" is told apart from "the meta step
@@ -41,7 +41,7 @@ def movement(diag: dict[str, Any]) -> tuple[str, float | None, str]:
     """``(what moved, its size, verdict)`` of one payload; the size is the largest over the meta stage."""
     if diag.get("eps_scale") is not None:
         size = max((v for v in diag["eps_scale"] if v is not None), default=None)
-        what = "median |eps| / median w"
+        what = "mean |eps| / mean w"
     elif diag.get("lambda_moved") is not None:
         size = max((v for v in diag["lambda_moved"] if v is not None), default=None)
         what = "max |lambda - lambda_0|"
@@ -71,7 +71,7 @@ def meta_sections(metrics: dict) -> list[dict]:
         "title": "Meta-learned re-weighting",
         "text": "Per meta-learned method: the meta set (rows, split), the first meta-stage epoch, the plain CE "
                 "(or the method's loss) of the meta batches at the look-ahead, first and last meta epoch; what the "
-                "meta step moved (meta-cb: median conditional weight |eps| over median class weight; metalad: "
+                "meta step moved (meta-cb: mean conditional weight |eps| over mean class weight; metalad: "
                 "largest change of a coefficient), the mean size of the logit adjustment (metalad: mean over "
                 "non-target classes of |delta|) and the learned mean coefficient per term at the end. "
                 f"\"barely moved\" (size below {BARELY}): the method trained as its non-meta base "
