@@ -222,7 +222,11 @@ class MetaLADHead(MetaHead):
         return (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
 
     def objective(self, ctx: FitContext) -> LogitPerturbationObjective:
-        data = self._data
+        """The objective of this head's own fit (its statistics are those of the rows it trains on)."""
+        data = getattr(self, "_data", None)
+        if data is None:  # a composite (dlsa+metalad) training this objective on its own rows and module
+            raise LongtailError(f"method {self.name!r} trains only as a head of its own: its statistics and "
+                                "variance term need its own rows and linear module (no dlsa+metalad)")
         counts = torch.as_tensor(np.asarray(ctx.class_counts), device=ctx.device)
         stats = pair_statistics(data.x, data.y, counts)
         return LogitPerturbationObjective(stats=stats, counts=counts, labels=data.y, terms=self._terms(),
