@@ -3,7 +3,7 @@ table, a DLSA flow cascade, ...), as :class:`stages.base.Requirement` objects.
 
 The pipeline knows no artifact by kind: it keys each requirement by ``(kind, store fingerprint,
 params less the device, the code version of the import closure of its modules)``, builds it on the
-train split with ``req.build`` (once, whatever the number of methods that declare it), stores
+split ``req.split`` (train, or val for a meta set) with ``req.build`` (once, whatever the number of methods that declare it), stores
 ``req.save``'s tensors as safetensors and its meta as JSON, and hands ``req.load``'s object to the
 method with ``req.attach`` before the fit.
 """
@@ -18,6 +18,7 @@ from longtail.pipeline.config import RunConfig
 from longtail.pipeline.keys import code_version, stable_hash, without_device
 from longtail.pipeline.stores import StoreInfo, artifact_store, open_features
 from longtail.stages.data import FeatureSet
+from longtail.stages.errors import LongtailError
 from longtail.storage.artifacts import load_tensors, save_tensors
 
 FILE = "tensors.safetensors"
@@ -47,14 +48,18 @@ def requirement_key(req, store_fingerprint: str) -> str:
 
 def run_requirement(cfg: RunConfig, req, store: StoreInfo, force: bool = False,
                     train: FeatureSet | None = None) -> RequirementResult:
-    """Build (or reuse) ``req``'s artifact on the store's train split (``train``, when the caller has
-    read it already)."""
+    """Build (or reuse) ``req``'s artifact on the store's split ``req.split`` (train unless the
+    requirement names another, e.g. val for a meta set; ``train``, when the caller has read it
+    already). A store without that split is a one-line error."""
     artifacts = artifact_store(cfg)
     key = requirement_key(req, store.fingerprint)
     if artifacts.exists(req.kind, key) and not force:
         return RequirementResult(req.kind, key, True, float(artifacts.read_meta(req.kind, key)["build_seconds"]))
-    if train is None:
-        train = open_features(cfg, store).read("train")
+    split = getattr(req, "split", "train")
+    if train is None or split != "train":
+        fs = open_features(cfg, store)
+        check_split(req, fs.splits, store.url)
+        train = fs.read(split)
     t0 = time.perf_counter()
     built = req.build(train)
     seconds = time.perf_counter() - t0
@@ -65,6 +70,15 @@ def run_requirement(cfg: RunConfig, req, store: StoreInfo, force: bool = False,
                      "store_fingerprint": store.fingerprint, "build_seconds": seconds,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return RequirementResult(req.kind, key, False, seconds)
+
+
+def check_split(req, splits, where: str) -> None:
+    """A one-line error unless ``splits`` (a store's) has the split ``req`` is built from."""
+    split = getattr(req, "split", "train")
+    if split not in splits:
+        params = ", ".join(f"{k}: {v}" for k, v in without_device(dict(req.params)).items())
+        raise LongtailError(f"{where}: no {split!r} split to build the shared artifact {req.kind!r} ({params}) "
+                            f"from; the store has {', '.join(splits)}")
 
 
 def load_requirement(cfg: RunConfig, req, key: str) -> Any:

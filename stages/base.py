@@ -72,10 +72,11 @@ class Requirement:
     kind: str  #: artifact kind: "neighbours" | "dlsa-cascade"
     params: Mapping[str, Any]  #: JSON-able, decides the artifact with the store (may hold "device")
     modules: tuple[str, ...]  #: modules whose import closure enters the key
-    build: Callable[[FeatureSet], Any]  #: builds it on the train split
+    build: Callable[[FeatureSet], Any]  #: builds it on the split :attr:`split` (train by default)
     save: Callable[[Any], tuple[dict[str, torch.Tensor], dict]]  #: -> (tensors, JSON meta)
     load: Callable[[dict[str, torch.Tensor], dict], Any]  #: the reverse of ``save``
     attach: Callable[[Any], None]  #: hands the built or loaded object to the method, before fit
+    split: str = "train"  #: the split ``build`` receives (``val`` for a meta set drawn from val)
 
 
 #: ``FeatureSet.meta`` keys copied into :attr:`FitContext.provenance`
