@@ -24,11 +24,12 @@ from longtail.stages import lade  # noqa: F401
 from longtail.stages import dlsa  # noqa: F401
 from longtail.stages import cala  # noqa: F401
 from longtail.stages import bcts  # noqa: F401
+from longtail.stages import meta  # noqa: F401
 from longtail.stages.base import Frozen, Method, Wrapper
 from longtail.stages.errors import LongtailError
 
 #: the modules whose classes register (the lines above)
-MODULES: tuple[ModuleType, ...] = (heads, decoupled, calibrate, lade, dlsa, cala, bcts)
+MODULES: tuple[ModuleType, ...] = (heads, decoupled, calibrate, lade, dlsa, cala, bcts, meta)
 
 METHODS: dict[str, type[Method]] = {}
 SUFFIX_WRAPPERS: dict[str, type[Wrapper]] = {}
