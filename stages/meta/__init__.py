@@ -3,6 +3,8 @@ meta sets (:mod:`.metaset`) and the heads trained by the bi-level look-ahead ste
 :mod:`longtail.stages.train.bilevel`."""
 
 from longtail.stages.meta.cala import MetaCALAHead  # noqa: F401
+from longtail.stages.meta.jamal import MetaCBHead  # noqa: F401
+from longtail.stages.meta.metalad import MetaLADHead  # noqa: F401
 from longtail.stages.meta.metaset import (  # noqa: F401
     META_SOURCES,
     MetaSet,
