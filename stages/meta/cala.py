@@ -30,11 +30,16 @@ layer zero**, so that ``δ ≡ 0`` at the start: the fit starts as logit adjustm
 cancels in the softmax and gets no meta-gradient (M3): the output must be C-dimensional (the
 released code's ``(n, 1)`` sigmoid output can change nothing).
 
-The meta set: ``per_group`` rows per (class, group) of the val split, the groups being a per-class
-KMeans of the standardised val features into ``groups`` clusters (paper: "clustered into six groups
-using KMeans ... evenly sample instances from each group and class"), or the store's attributes when
-it has them (``meta_groups``). Meta batches of ``meta_batch`` rows come from their own seeded
-generator, so the train permutation is the one of ``logit-adjust`` with the same seed.
+The meta set (:class:`~longtail.stages.meta.head.MetaHead`'s, a shared artifact): ``per_group``
+rows per (class, group) of the val split (or held out of train), the groups being a per-class KMeans
+into ``groups`` clusters (paper: "clustered into six groups using KMeans ... evenly sample instances
+from each group and class"), or the store's attributes when it has them (``meta_groups``). Meta
+batches of ``meta_batch`` rows come from their own seeded generator, so the train permutation is the
+one of ``logit-adjust`` with the same seed.
+
+Diagnostics (``metrics.json``, section ``meta``): per epoch the mean effective adjustment
+``τ2 |δ − mean_c δ|`` (the part of ``δ`` that changes the loss: a class-constant shift cancels) and
+the mean ``|δ|``, the relative change of ``Ω``, and ``barely_moved``.
 """
 
 from __future__ import annotations
@@ -51,18 +56,12 @@ from longtail.stages.base import FitContext, Requirement
 from longtail.stages.calibrate import prior_from_log
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, TrainedHead, head_sampler
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY
 from longtail.stages.losses import log_prior
 from longtail.stages.losses.cala import cala_loss
 from longtail.stages.meta.characteristics import NUM_CHARACTERISTICS, TrainingCharacteristics
-from longtail.stages.meta.metaset import (
-    META_SOURCES,
-    MetaSet,
-    build_meta_set,
-    meta_set_requirement,
-    select_meta_rows,
-    split_for_fit,
-)
+from longtail.stages.meta.head import MetaHead
+from longtail.stages.meta.metaset import build_meta_set, meta_set_requirement, split_for_fit
 from longtail.stages.neighbours import (
     INDEXES,
     NeighbourTable,
@@ -71,9 +70,9 @@ from longtail.stages.neighbours import (
     table_from_tensors,
     table_tensors,
 )
-from longtail.stages.train.bilevel import BilevelStep, MetaBatches, MetaObjective, Tensors, call, optimizer_update
-from longtail.stages.train.data import Batch, TrainData
-from longtail.stages.train.engine import TrainState, fit_module
+from longtail.stages.train.bilevel import MetaObjective, Tensors, call, optimizer_update
+from longtail.stages.train.data import Batch
+from longtail.stages.train.engine import TrainState
 from longtail.stages.train.objective import StepOutput
 
 #: paper 000: τ1 = 1.5, τ2 = 1 (LT benchmarks), Adam at 1e-3 for the adjustment network, six KMeans
@@ -166,7 +165,9 @@ class MetaCALAObjective(MetaObjective):
     def on_fit_start(self, state: TrainState) -> None:
         self.chars = TrainingCharacteristics(state.data.x, state.data.y, self.neighbours)
         self._zeta = None
-        self.peak = torch.zeros((), device=state.data.x.device)  # max |τ2 δ| so far (NaN sticks)
+        self.initial = torch.cat([p.detach().flatten() for p in self.network.parameters()]).clone()
+        self.adjust: list[float] = []  # per epoch, the terms below
+        self.adjust_raw: list[float] = []
 
     def characteristics(self, state: TrainState, batch: Batch) -> torch.Tensor:
         """ζ ``(n, 42)`` of the batch at the head's current parameters, once per step."""
@@ -186,7 +187,6 @@ class MetaCALAObjective(MetaObjective):
         with torch.no_grad():
             raw = delta.abs().mean()
             effective = self.tau2 * (delta - delta.mean(1, keepdim=True)).abs().mean()
-            self.peak = torch.maximum(self.peak, self.tau2 * delta.abs().amax())  # no device sync
         return StepOutput(cala_loss(z, batch.y, adjustment), logits=z,
                           terms={"adjust": effective, "adjust_raw": raw})
 
@@ -202,9 +202,15 @@ class MetaCALAObjective(MetaObjective):
         """An epoch whose mean effective adjustment reached :data:`ADJUST_LIMIT` logits is an error:
         the softmax is saturated by ``δ`` alone (the loss itself stays finite in float32 until the
         adjustment nears 1e38, garbage long before)."""
-        if not means.get("adjust", 0.0) < ADJUST_LIMIT:
-            self.error = self.diverged(f"mean adjustment {means['adjust']:.3g} logits at epoch {state.epoch + 1}")
-            raise self.error
+        self.adjust.append(means["adjust"])
+        self.adjust_raw.append(means["adjust_raw"])
+        if not means["adjust"] < ADJUST_LIMIT:
+            raise self.diverged(f"mean adjustment {means['adjust']:.3g} logits at epoch {state.epoch + 1}")
+
+    def network_shift(self) -> float:
+        """``‖Ω − Ω_0‖ / ‖Ω_0‖`` since the fit started (``Ω_0`` has non-zero hidden layers)."""
+        now = torch.cat([p.detach().flatten() for p in self.network.parameters()])
+        return float(torch.linalg.vector_norm(now - self.initial) / torch.linalg.vector_norm(self.initial).clamp_min(1e-12))
 
 
 # ---------------------------------------------------------------------- the meta set's groups
@@ -242,7 +248,7 @@ def meta_groups_of(split: FeatureSet, mode: str, groups: int, seed: int, where: 
 
 
 # ---------------------------------------------------------------------- the head
-class MetaCALAHead(TrainedHead):
+class MetaCALAHead(MetaHead):
     """Meta-CALA (paper 000, Algorithm A-2): the CALA loss with a meta-learned ``v`` term.
 
     Args:
@@ -251,29 +257,32 @@ class MetaCALAHead(TrainedHead):
         k: neighbourhood size K of the characteristics, ``1 <= K < N`` (30).
         index: the neighbour table's faiss index (``flat``, ``ivf``, ``hnsw``).
         hidden, layers: width and number of hidden layers of the adjustment network (200, 1).
-        meta_lr: Adam's learning rate for the adjustment network (1e-3, the paper's); 0 keeps it at
-            ``δ = 0`` (logit adjustment with ``tau1``).
+        meta_lr: Adam's learning rate for the adjustment network (1e-3, the paper's), at most 1; 0
+            keeps it at ``δ = 0`` (logit adjustment with ``tau1``).
         meta_weight_decay: Adam's weight decay for it (0).
         meta_batch: meta rows per meta step (100, or the meta set if smaller).
-        meta_interval: a meta step every this many steps (1: every step, Table A-5's setting).
         groups: KMeans groups per class of the meta set (6, the paper's).
         per_group: meta rows per (class, group) (2, the paper's GLT setting).
         meta_groups: ``kmeans``, ``attribute`` (the pool's attributes) or ``auto`` (attributes when
             the pool has them, else KMeans).
-        meta_source: ``val`` (the meta set is drawn from the val split) or ``train`` (held out of
-            train: those rows leave the fit, and the neighbour table is then built on the rows
-            that stay, not shared).
+        meta_source: ``val`` or ``train`` (held out of train: those rows leave the fit, and the
+            neighbour table is then built on the rows that stay, not shared).
         epochs, lr, batch_size, weight_decay, seed, device: the shared head trainer's.
+
+    There is no plain warm-up (``meta_start = 0``, Algorithm A-2 meta-learns from the first step)
+    and a meta step at every step (Table A-5's setting).
     """
 
     name = "meta-cala"
+    step_name = "meta_lr"
+    meta_start = 0.0  # (not a parameter: MetaHead's warm-up fraction)
 
     def __init__(self, *, tau1: float = TAU1, tau2: float = TAU2, k: int = K, index: str = "flat",
                  hidden: int = HIDDEN, layers: int = 1, meta_lr: float = META_LR, meta_weight_decay: float = 0.0,
-                 meta_batch: int = META_BATCH, meta_interval: int = 1, groups: int = GROUPS,
-                 per_group: int = PER_GROUP, meta_groups: str = "auto", meta_source: str = "val",
-                 epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 meta_batch: int = META_BATCH, groups: int = GROUPS, per_group: int = PER_GROUP,
+                 meta_groups: str = "auto", meta_source: str = "val", epochs: int = EPOCHS, lr: float = LR,
+                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, seed: int = 0,
+                 device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                          seed=seed, device=device)
         self.tau1 = tau1
@@ -285,11 +294,15 @@ class MetaCALAHead(TrainedHead):
         self.meta_lr = meta_lr
         self.meta_weight_decay = meta_weight_decay
         self.meta_batch = meta_batch
-        self.meta_interval = meta_interval
         self.groups = groups
         self.per_group = per_group
         self.meta_groups = meta_groups
         self.meta_source = meta_source
+
+    @property
+    def meta_per_class(self) -> int:
+        """MetaHead's rows per class of the meta set: here per (class, group)."""
+        return self.per_group
 
     # ------------------------------------------------------------------ shared artifacts
     def _requirements(self) -> list[Requirement]:
@@ -327,15 +340,9 @@ class MetaCALAHead(TrainedHead):
         self._table = table  # handed over, not learned: kept across fits
         return self
 
-    def set_meta_set(self, meta: MetaSet) -> "MetaCALAHead":
-        """Use ``meta`` (checked against the splits in ``fit``) instead of drawing one."""
-        if not isinstance(meta, MetaSet):
-            raise TypeError("set_meta_set expects a MetaSet")
-        self._meta_set = meta  # handed over, not learned: kept across fits
-        return self
-
     # ------------------------------------------------------------------ checks
     def _check_params(self, num_classes: int) -> None:
+        self._check("per_group", self.per_group, integer=True, low=1)  # (MetaHead checks it as meta_per_class)
         super()._check_params(num_classes)
         self._check("tau1", self.tau1, low=0)
         self._check("tau2", self.tau2, low=0)
@@ -346,73 +353,55 @@ class MetaCALAHead(TrainedHead):
         # than its own scale at every step (the paper's 1e-3 already moves δ by ~0.5 logits)
         self._check("meta_lr", self.meta_lr, low=0, high=1)
         self._check("meta_weight_decay", self.meta_weight_decay, low=0)
-        self._check("meta_batch", self.meta_batch, integer=True, low=1)
-        self._check("meta_interval", self.meta_interval, integer=True, low=1)
         self._check("groups", self.groups, integer=True, low=1)
-        self._check("per_group", self.per_group, integer=True, low=1)
-        for key, value, allowed in (("index", self.index, INDEXES), ("meta_groups", self.meta_groups, META_GROUPS),
-                                    ("meta_source", self.meta_source, META_SOURCES)):
+        for key, value, allowed in (("index", self.index, INDEXES), ("meta_groups", self.meta_groups, META_GROUPS)):
             if value not in allowed:
                 raise LongtailError(f"method {self.name!r}: {key} = {value!r} is not one of {', '.join(allowed)}")
 
     def _validate(self, ctx: FitContext) -> None:
-        where = f"method {self.name!r}: meta set"
+        super()._validate(ctx)  # the meta set's pool
         n = int(np.sum(ctx.class_counts))
         if self.meta_source == "val":
-            if ctx.val is None:
-                raise LongtailError(f"method {self.name!r}: meta_source is val but there is no val split "
-                                    "(set meta_source: train to hold meta rows out of train)")
-            pool_labels, pool = ctx.val.require_labels(), ctx.val
-            select_meta_rows(pool_labels, per_group=1, num_classes=ctx.num_classes,
-                             class_names=ctx.val.class_names, where=f"{where} (val split)")
-        else:
-            counts = np.asarray(ctx.class_counts)
-            if (counts < 2).any():
-                c = int(np.flatnonzero(counts < 2)[0])
-                raise LongtailError(f"{where}: class {c} has {int(counts[c])} train row(s); meta_source: "
-                                    "train needs at least 2 per class (one stays in train)")
-            held = np.minimum(counts - 1, int(self.groups) * int(self.per_group))  # at most this many per class
-            pool, n = None, n - int(held.sum())  # at least the rows left in train
-        if self.meta_groups == "attribute" and pool is not None and pool.attributes is None:
-            raise LongtailError(f"{where}: meta_groups is attribute but the val split has no attributes")
+            if self.meta_groups == "attribute" and ctx.val.attributes is None:
+                raise LongtailError(f"method {self.name!r}: meta set: meta_groups is attribute but the val split "
+                                    "has no attributes")
+            table = getattr(self, "_table", None)
+            if table is not None:
+                store = ctx.provenance.get("store_fingerprint")
+                table.check_for(n, table_fingerprint(store) if store and table.fingerprint else None)
+                if table.k < int(self.k):
+                    raise LongtailError(f"method {self.name!r}: the neighbour table has K = {table.k}, "
+                                        f"k = {self.k} was asked for")
+        else:  # at most groups * per_group rows of a class leave train, and one always stays
+            n -= int(np.minimum(np.asarray(ctx.class_counts) - 1, int(self.groups) * int(self.per_group)).sum())
         if int(self.k) >= n:
             raise LongtailError(f"method {self.name!r}: k = {self.k} must be smaller than the {n} train samples")
-        table = getattr(self, "_table", None)
-        if table is not None and self.meta_source == "val":
-            store = ctx.provenance.get("store_fingerprint")
-            table.check_for(n, table_fingerprint(store) if store and table.fingerprint else None)
-            if table.k < int(self.k):
-                raise LongtailError(f"method {self.name!r}: the neighbour table has K = {table.k}, "
-                                    f"k = {self.k} was asked for")
-        meta = getattr(self, "_meta_set", None)
-        if meta is not None and meta.source != self.meta_source:
-            raise LongtailError(f"{where}: the attached meta set was drawn from {meta.source}, "
-                                f"meta_source is {self.meta_source}")
 
     # ------------------------------------------------------------------ fit
     def _fit(self, train: FeatureSet, val: FeatureSet | None, ctx: FitContext) -> None:
+        """MetaHead's fit with the neighbourhoods of the fit's train rows, and a meta set drawn with
+        this method's groups when none was attached (it is then this fit's only)."""
         where = f"method {self.name!r}: meta set"
-        meta = getattr(self, "_meta_set", None)
+        attached = getattr(self, "_meta_set", None)
+        meta = attached
         if meta is None:  # (a Python shell: no pipeline handed one over)
             pool = val if self.meta_source == "val" else train
             meta = build_meta_set(pool, source=self.meta_source, per_group=int(self.per_group), seed=int(self.seed),
                                   groups=self._groups(pool), where=where)
-        fit_train, meta_rows = split_for_fit(train, val, meta, where=where)
+        fit_train, _ = split_for_fit(train, val, meta, where=where)
         table = getattr(self, "_table", None)
-        if fit_train is not train:  # rows held out of train: its counts, prior and neighbourhoods
-            ctx = replace(ctx, class_counts=fit_train.class_counts, source_prior=fit_train.prior)
-            self.source_prior_ = ctx.source_prior
+        if fit_train is not train:  # rows held out of train: the neighbourhoods of the rows that stay
             table = self.build_table(replace(fit_train, meta={}))
         elif table is None:  # (a Python shell: no pipeline handed one over)
             table = self.build_table(train)
         self._neighbours = torch.as_tensor(np.ascontiguousarray(table.indices[:, :int(self.k)]), device=ctx.device)
-        self._meta_rows = meta_rows
-        self.meta_rows_ = int(len(meta_rows))
+        self._meta_set = meta
         try:
-            super()._fit(fit_train, val, ctx)
-        finally:  # neither is state: the table is an artifact, the meta rows are val's
-            self._neighbours = None
-            self._meta_rows = None
+            super()._fit(train, val, ctx)
+        finally:
+            self._neighbours = None  # (N, k) rows of the table: not state (the table is an artifact)
+            if attached is None:
+                del self._meta_set
 
     def new_network(self, num_classes: int) -> AdjustmentNetwork:
         """The adjustment network, initialised from its own generator (seeded from ``seed``: the
@@ -432,34 +421,10 @@ class MetaCALAHead(TrainedHead):
                                  tau1=float(self.tau1), tau2=float(self.tau2), meta_lr=float(self.meta_lr),
                                  meta_weight_decay=float(self.meta_weight_decay), owner=f"method {self.name!r}")
 
-    def _train(self, data: TrainData, generator: torch.Generator, ctx: FitContext) -> None:
-        rows = self._meta_rows
-        meta = TrainData(self._standardise(torch.tensor(rows.features, device=ctx.device)),
-                         torch.tensor(rows.labels, device=ctx.device))
-        step = BilevelStep(MetaBatches(meta, int(self.meta_batch), seed=int(self.seed)),
-                           every=int(self.meta_interval))
-        objective = self.objective(ctx)
-        before = torch.cat([p.detach().flatten() for p in objective.network.parameters()]).clone()
-        try:
-            state = fit_module(self.module_, data, objective, self.optim_config(), generator=generator,
-                               sampler=head_sampler(self.sampling, data.balance, ctx.num_classes),
-                               step=step, desc=self.name)
-        except LongtailError as exc:
-            # the engine's non-finite loss: the adjustment network's fault when its output was
-            # non-finite or absurdly large (the head's own gradients are bounded) at some step
-            peak = float(objective.peak)
-            if exc is not getattr(objective, "error", None) and not peak < ADJUST_LIMIT:
-                raise objective.diverged(f"the training loss became non-finite; largest adjustment {peak:.3g} "
-                                         "logits") from exc
-            raise
-        after = torch.cat([p.detach().flatten() for p in objective.network.parameters()])
-        history = state.history
-        self.adjust_ = np.array([h.get("adjust", np.nan) for h in history], dtype=np.float64)
-        self.adjust_raw_ = np.array([h.get("adjust_raw", np.nan) for h in history], dtype=np.float64)
-        self.meta_loss_ = np.array([h.get("meta", np.nan) for h in history], dtype=np.float64)
-        # relative change of Ω over the fit (its output layer starts at 0; the hidden layers do not)
-        self.network_shift_ = float(torch.linalg.vector_norm(after - before)
-                                    / torch.linalg.vector_norm(before).clamp_min(1e-12))
+    def _trained(self, objective: MetaCALAObjective, ctx: FitContext) -> None:
+        self.delta_mean_abs_ = np.asarray(objective.adjust, dtype=np.float64)
+        self.adjust_raw_ = np.asarray(objective.adjust_raw, dtype=np.float64)
+        self.network_shift_ = np.float64(objective.network_shift())
 
     # ------------------------------------------------------------------ outputs
     def logit_prior(self) -> np.ndarray:
@@ -469,30 +434,27 @@ class MetaCALAHead(TrainedHead):
         return prior_from_log((1.0 - float(self.tau1)) * np.log(np.asarray(self.source_prior_, dtype=np.float64)))
 
     def diagnostics(self, train: FeatureSet) -> dict[str, Any]:
-        """``{"meta": {...}}``: per epoch the mean effective adjustment ``τ2 |δ − mean_c δ|``
-        (``adjust``, in logits), the mean ``|δ|`` (``adjust_raw``) and the meta loss; the relative
-        change of the adjustment network's parameters over the fit; ``inert`` when the largest
-        per-epoch ``adjust`` stayed below :data:`INERT_THRESHOLD` (the meta step barely moved the
-        logits: "no gain" is then "the meta step did nothing")."""
+        """``{"meta": ...}``: MetaHead's summary (meta set, meta loss per epoch), per epoch the mean
+        effective adjustment ``τ2 |δ − mean_c δ|`` in logits (``delta_mean_abs``, the part that
+        changes the loss) and the mean ``|δ|`` (``adjust_raw``), the relative change of the network
+        (``network_shift``) and ``barely_moved`` when the largest ``delta_mean_abs`` stayed below
+        :data:`INERT_THRESHOLD`: "no gain" is then "the meta step did nothing"."""
         self._check_fitted()
-        adjust = [float(v) for v in self.adjust_]
-        peak = max(adjust) if adjust else 0.0
-        return {"meta": {"method": self.name, "meta_rows": int(self.meta_rows_), "adjust": adjust,
-                         "adjust_raw": [float(v) for v in self.adjust_raw_],
-                         "meta_loss": [float(v) for v in self.meta_loss_],
+        finite = lambda a: [None if not np.isfinite(v) else float(v) for v in np.ravel(a)]  # noqa: E731
+        peak = float(np.max(self.delta_mean_abs_)) if self.delta_mean_abs_.size else 0.0
+        return {"meta": {**self._meta_summary(), "meta_lr": float(self.meta_lr),
+                         "delta_mean_abs": finite(self.delta_mean_abs_), "adjust_raw": finite(self.adjust_raw_),
                          "network_shift": float(self.network_shift_),
-                         "inert": bool(not peak >= INERT_THRESHOLD), "inert_threshold": INERT_THRESHOLD}}
+                         "barely_moved": bool(not peak >= INERT_THRESHOLD), "barely_threshold": INERT_THRESHOLD}}
+
+    _SAVED = ("delta_mean_abs_", "adjust_raw_", "network_shift_", "meta_loss_")
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
-        return {"meta_rows": torch.tensor(int(self.meta_rows_)),
-                "adjust": torch.as_tensor(self.adjust_, dtype=torch.float64),
-                "adjust_raw": torch.as_tensor(self.adjust_raw_, dtype=torch.float64),
-                "meta_loss": torch.as_tensor(self.meta_loss_, dtype=torch.float64),
-                "network_shift": torch.tensor(float(self.network_shift_), dtype=torch.float64)}
+        out = {f"meta.{k}": torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in self._SAVED}
+        out["meta.meta_rows_"] = torch.tensor(int(self.meta_rows_))
+        return out
 
     def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.meta_rows_ = int(state["meta_rows"])  # KeyError: _load_state's one-line error
-        self.adjust_ = state["adjust"].numpy().astype(np.float64)
-        self.adjust_raw_ = state["adjust_raw"].numpy().astype(np.float64)
-        self.meta_loss_ = state["meta_loss"].numpy().astype(np.float64)
-        self.network_shift_ = float(state["network_shift"])
+        for k in self._SAVED:  # KeyError: _load_state's one-line error
+            setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
+        self.meta_rows_ = int(state["meta.meta_rows_"])

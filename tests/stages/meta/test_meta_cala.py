@@ -162,12 +162,13 @@ def test_meta_lr_zero_gives_the_logits_of_logit_adjust_with_tau1():
     np.testing.assert_allclose(meta.logit_prior(), la.logit_prior(), rtol=1e-12)
     # its diagnostics say that the meta step did nothing
     diag = meta.diagnostics(TRAIN)["meta"]
-    assert diag["inert"] and diag["network_shift"] == 0.0 and diag["adjust"] == [0.0] * 5
+    assert diag["barely_moved"] and diag["network_shift"] == 0.0 and diag["delta_mean_abs"] == [0.0] * 5
+    assert diag["meta_start_epoch"] == 0 and diag["meta_rows"] == 31  # KMeans groups of 8 val rows per class
     assert len(diag["meta_loss"]) == 5 and all(v > 0 for v in diag["meta_loss"])
     # the paper's meta_lr moves the adjustment, the logits and the flag
     moved = make_method("meta-cala", {**SGD, "k": 5, "tau1": 1.25}).fit(TRAIN, VAL)
     diag = moved.diagnostics(TRAIN)["meta"]
-    assert not diag["inert"] and diag["network_shift"] > 0 and max(diag["adjust"]) > INERT_THRESHOLD
+    assert not diag["barely_moved"] and diag["network_shift"] > 0 and max(diag["delta_mean_abs"]) > INERT_THRESHOLD
     assert not np.array_equal(moved.logits(TEST_X), la.logits(TEST_X))
     # the diagnostics survive the state dict (the pipeline evaluates a reloaded method)
     again = make_method("meta-cala", moved.get_params()).load_state_dict(moved.state_dict())
