@@ -228,3 +228,33 @@ def test_a_meta_step_size_that_diverges_names_meta_lr():
     # beyond 1 it is rejected before any work
     with pytest.raises(LongtailError, match="meta_lr = 2.0 must be a number >= 0 and <= 1"):
         make_method("meta-cala", {**SGD, "meta_lr": 2.0}).fit(TRAIN, VAL)
+
+
+def test_shares_the_neighbour_table_of_heuristic_cala_and_declares_its_meta_set():
+    meta = make_method("meta-cala", {"k": 12, "seed": 4}).requirements()
+    heuristic = make_method("heuristic-cala", {"k": 12, "seed": 4}).requirements()
+    assert [r.kind for r in meta] == ["neighbours", "meta-set"]
+    assert (meta[0].params, meta[0].modules) == (heuristic[0].params, heuristic[0].modules)  # one artifact
+    assert meta[1].split == "val" and meta[1].params["grouping"] == "class-group"
+    assert meta[1].params["per_group"] == 2 and meta[1].params["groups"] == 6
+    # held out of train: no shared table (it is built on the rows that stay), the meta set from train
+    held = make_method("meta-cala", {"meta_source": "train"}).requirements()
+    assert [r.kind for r in held] == ["meta-set"] and held[0].split == "train"
+
+
+def test_meta_source_train_holds_rows_out_and_trains_on_the_rest():
+    method = make_method("meta-cala", {**SGD, "k": 5, "meta_source": "train", "meta_groups": "kmeans",
+                                       "groups": 2, "per_group": 1})
+    method.fit(TRAIN, None)
+    assert method.meta_rows_ == 2 * C  # one row per (class, group)
+    np.testing.assert_allclose(method.source_prior_, (np.array(COUNTS) - 2) / (sum(COUNTS) - 2 * C))
+    assert np.isfinite(method.logits(TEST_X)).all()
+
+
+def test_tau1_changes_nothing_when_the_classes_are_balanced():
+    # M7 / paper 000 Table 4: under ALT (class-balanced train) u is constant and cancels in the softmax
+    rows = split((12,) * C, 5, "train")
+    balanced = FeatureSet(rows.features, rows.labels, np.array([12] * C), NAMES, name="train")
+    a = make_method("meta-cala", {**SGD, "k": 5, "tau1": 0.0}).fit(balanced, VAL).logits(TEST_X)
+    b = make_method("meta-cala", {**SGD, "k": 5, "tau1": 1.5}).fit(balanced, VAL).logits(TEST_X)
+    np.testing.assert_allclose(a, b, atol=1e-4)
