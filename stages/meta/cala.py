@@ -210,7 +210,8 @@ class MetaCALAObjective(MetaObjective):
     def network_shift(self) -> float:
         """``‖Ω − Ω_0‖ / ‖Ω_0‖`` since the fit started (``Ω_0`` has non-zero hidden layers)."""
         now = torch.cat([p.detach().flatten() for p in self.network.parameters()])
-        return float(torch.linalg.vector_norm(now - self.initial) / torch.linalg.vector_norm(self.initial).clamp_min(1e-12))
+        size = torch.linalg.vector_norm(self.initial).clamp_min(1e-12)  # guards an all-zero start
+        return float(torch.linalg.vector_norm(now - self.initial) / size)
 
 
 # ---------------------------------------------------------------------- the meta set's groups

@@ -30,7 +30,8 @@ def entropy(p):
 
 
 # zeta 1-6 by hand: loss, true logit, ||e_y - q||, q_y, entropy, margin
-A = [math.log(4 / 3), S, 0.25 * math.sqrt(2), 0.75, entropy(0.75), 0.5]  # rows 0, 2 (h1 = 1, y = 0), 3, 4 (h1 = -1, y = 1)
+# rows 0, 2 (h1 = 1, y = 0) and 3, 4 (h1 = -1, y = 1)
+A = [math.log(4 / 3), S, 0.25 * math.sqrt(2), 0.75, entropy(0.75), 0.5]
 B = [-math.log(0.9), 2 * S, 0.1 * math.sqrt(2), 0.9, entropy(0.9), 0.8]  # row 1 (h1 = 2, y = 0)
 M = [math.log(4.0), -S, 0.75 * math.sqrt(2), 0.25, entropy(0.75), -0.5]  # row 5 (h1 = 1, y = 1)
 BASIC = [A, B, A, A, A, M]

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Meta-CALA (paper 000, Algorithm A-2) on ``digits-glt`` under the CLT, ALT and GLT protocols,
+beside its special-case base ``logit-adjust`` with ``tau = tau1 = 1.5`` (``meta_lr: 0``), plain
+``logit-adjust``, ``heuristic-cala``, ``ce`` and ``crt``, with two ablations of the meta set
+(specification §2.9 and §6).
+
+Usage (from the repository root)::
+
+    python benchmarks/meta_cala_study.py                           # print the study section
+    python benchmarks/meta_cala_study.py --write-readme            # also write it into README.md
+    nice python benchmarks/meta_cala_study.py --timing --write-readme   # the cost section instead
+
+A script, not a test: seeded and reproducible (the same machine and thread count give the same
+accuracies); nothing in it asserts a time. For each seed it runs what ``longtail glt --no-prefect``
+runs, as ``benchmarks/glt_study.py`` does (the same splits, builtin CNN and features per seed), with
+the methods below at their default parameters unless the label says otherwise, and reads each
+Meta-CALA fit's diagnostics (``metrics.json``, section ``meta``): the mean size of the effective
+adjustment ``tau2 |δ − mean_c δ|`` over the last epoch, so that "no gain" can be told apart from "the
+meta step did nothing".
+
+``--timing`` measures the cost instead: CPU seconds per epoch of ``meta-cala`` against its non-meta
+base ``logit-adjust`` (``tau = 1.5``; same epochs, batch size, lr, seed) on the same features, with
+the neighbour table and the meta set built once beforehand and handed over (what the pipeline does
+with its shared artifacts): on ``digits-lt`` (the default stage-1 CNN's features, as
+``benchmarks/bench_cala.py`` extracts them, plus the val split for the meta set) and on the
+ImageNet-LT-shaped synthetic features of ``benchmarks/benchlib.py`` reduced to ``--fraction`` of the
+train rows per class (at least 2), with its 10-per-class val split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from glt_study import PROTOCOLS, _cell, _delta  # noqa: E402
+from longtail.pipeline import glt  # noqa: E402
+from longtail.pipeline.config import parse_config  # noqa: E402
+from readme import write_section  # noqa: E402
+
+TIMING_START = "<!-- meta-cala-bench:start -->"
+TIMING_END = "<!-- meta-cala-bench:end -->"
+TIMING_COMMAND = "nice python benchmarks/meta_cala_study.py --timing --write-readme"
+START_MARKER = "<!-- meta-cala-study:start -->"
+END_MARKER = "<!-- meta-cala-study:end -->"
+COMMAND = "python benchmarks/meta_cala_study.py --write-readme"
+
+#: (label, name, params): the meta set is 2 rows per (class, attribute) of val by default
+METHODS = [
+    ("ce", "ce", {}),
+    ("crt", "crt", {}),
+    ("logit-adjust", "logit-adjust", {}),
+    ("logit-adjust[tau=1.5]", "logit-adjust", {"tau": 1.5}),
+    ("heuristic-cala", "heuristic-cala", {}),
+    ("meta-cala", "meta-cala", {}),
+    ("meta-cala[kmeans]", "meta-cala", {"meta_groups": "kmeans"}),
+    ("meta-cala[class-only]", "meta-cala", {"meta_groups": "kmeans", "groups": 1, "per_group": 6}),
+    ("meta-cala[meta_lr=1e-2]", "meta-cala", {"meta_lr": 1e-2}),
+]
+META = [label for label, name, _ in METHODS if name == "meta-cala"]
+#: what the meta-cala variants are compared with (paired differences)
+BASES = ["logit-adjust[tau=1.5]", "logit-adjust", "heuristic-cala", "crt"]
+
+
+def run_seed(seed: int, out: str) -> tuple[dict, dict, float]:
+    methods = [{"name": name, "label": label, "params": params} for label, name, params in METHODS]
+    cfg = parse_config({"store": os.path.join(out, "features.zarr"), "dataset": {"name": "digits-glt"},
+                        "backbone": {"kind": "builtin"}, "methods": methods, "output": out, "seed": seed,
+                        "device": "auto", "evaluation": {"shift_ratios": []}}, source="meta_cala_study")
+    t0 = time.perf_counter()
+    summary = glt.run_protocols(cfg, PROTOCOLS)
+    seconds = time.perf_counter() - t0
+    diag = {}
+    for p in PROTOCOLS:
+        with open(os.path.join(summary["runs"][p]["output"], "metrics.json"), encoding="utf-8") as f:
+            diag[p] = json.load(f).get("meta", {})
+    return summary, diag, seconds
+
+
+def section(results: list[dict], diags: list[dict], seeds: list[int], seconds: list[float], threads: int) -> str:
+    def vals(label, p, key):
+        return [r["methods"][label][p][key] for r in results]
+
+    def adjust(label, p):  # the last epoch's mean effective adjustment, mean over seeds
+        return float(np.mean([d[p][label]["delta_mean_abs"][-1] for d in diags]))
+
+    lines = [
+        "`digits-glt` with its defaults, the splits, builtin CNN and features per seed of "
+        "`benchmarks/glt_study.py`; every method with its default parameters unless its label says "
+        "otherwise (`meta-cala`: "
+        "tau1 = 1.5, tau2 = 1, K = 30, Adam at meta_lr = 1e-3, a meta set of 2 val rows per (class, attribute), "
+        "30 epochs of minibatch SGD as every head). `[kmeans]`: 2 rows per (class, KMeans group of 6) instead "
+        "of attributes; `[class-only]`: 6 rows per class, no groups. "
+        f"Mean over seeds {', '.join(map(str, seeds))}; accuracies in %.",
+        "",
+        "| method | " + " | ".join(f"{p.upper()} acc. | {p.upper()} worst" for p in PROTOCOLS)
+        + " | adjustment (logits) CLT / ALT / GLT |",
+        "|---" + "|---:" * (2 * len(PROTOCOLS) + 1) + "|",
+    ]
+    for label, _, _ in METHODS:
+        cells = [_cell(vals(label, p, k)) for p in PROTOCOLS for k in ("accuracy", "worst_group")]
+        size = " / ".join(f"{adjust(label, p):.2g}" for p in PROTOCOLS) if label in META else ""
+        lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {size} |")
+    lines += ["", "Paired differences of `meta-cala`, percentage points, mean over seeds (range in brackets):", "",
+              "| `meta-cala` minus | " + " | ".join(f"{p.upper()} acc. | {p.upper()} worst" for p in PROTOCOLS) + " |",
+              "|---" + "|---:" * (2 * len(PROTOCOLS)) + "|"]
+    for base in BASES + [m for m in META if m != "meta-cala"]:
+        cells = [_delta(vals("meta-cala", p, key), vals(base, p, key))
+                 for p in PROTOCOLS for key in ("accuracy", "worst_group")]
+        lines.append(f"| `{base}` | " + " | ".join(cells) + " |")
+    lines += ["", "<!-- meta-cala-study:findings -->", "",
+              f"Measured on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), "
+              f"{threads} torch thread(s), torch {torch.__version__}; the three protocols took "
+              + ", ".join(f"{s:.0f} s" for s in seconds) + " per seed (CNN and features included). "
+              f"`{COMMAND}` regenerates this section (the findings paragraph is kept)."]
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    """Replace the text between the markers (README.md re-read right before writing), keeping a
+    findings paragraph that follows the findings marker up to the first blank line."""
+    tag = "<!-- meta-cala-study:findings -->"
+
+    def keep_findings(old: str) -> str:
+        if tag in old:
+            kept = old.split(tag, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+            if kept and not kept.startswith("Measured on"):
+                return text.replace(tag, f"{tag}\n{kept}", 1)
+        return text
+
+    write_section(START_MARKER, END_MARKER, keep_findings)
+
+
+# ---------------------------------------------------------------------------------------- timing
+def timing_sets(name: str, fraction: float, device: str):
+    """``(train, val)`` of ``digits-lt`` (default stage-1 CNN features) or of the ImageNet-LT-shaped
+    synthetic set (train reduced to ``fraction`` per class)."""
+    from bench_cala import synthetic_sets
+    from benchlib import synthetic_features, synthetic_labels, synthetic_means
+
+    from longtail.pipeline.config import BackboneConfig, ExtractionConfig
+    from longtail.stages import extract as ex
+    from longtail.stages.data import FeatureSet
+    from longtail.stages.datasets import digits_lt
+
+    if name == "imagenet-lt-synthetic":
+        train, _ = synthetic_sets(fraction)
+        labels = synthetic_labels("val")
+        val = FeatureSet(synthetic_features("val", labels, synthetic_means()), labels, train.class_counts,
+                         train.class_names, name="val")
+        return train, val
+    ds, b = digits_lt(seed=0), BackboneConfig()
+    split = ds.splits["train"]
+    bb = ex.train_small_cnn(split.images, split.labels, ds.num_classes, epochs=b.epochs, lr=b.lr,
+                            batch_size=b.batch_size, weight_decay=b.weight_decay, width=b.width, seed=0, device=device)
+    backbone = ex.Backbone(ex.FeaturesOf(bb.module.net, None, "features"), {}, "")
+    out = []
+    for part in ("train", "val"):
+        split = ds.splits[part]
+        feats = np.concatenate(list(ex.extract_chunks(backbone, split.images, batch_size=ExtractionConfig().batch_size,
+                                                      device=device, desc=part)))
+        out.append(FeatureSet(feats, split.labels, ds.class_counts, ds.class_names, name=part))
+    return tuple(out)
+
+
+def time_fits(train, val, epochs: int, repeats: int, device: str) -> dict:
+    """Median CPU seconds per epoch of ``logit-adjust`` (tau 1.5) and ``meta-cala`` (its artifacts
+    handed over), alternating, after a warm-up fit of each."""
+    from longtail.stages.meta.metaset import build_meta_set
+    from longtail.stages.registry import make_method
+
+    params = {"epochs": epochs, "seed": 0, "device": device}
+    meta = make_method("meta-cala", params)
+    table = meta.build_table(train)
+    meta_set = build_meta_set(val, source="val", per_group=int(meta.per_group), seed=0, groups=meta._groups(val))
+    out: dict[str, list[float]] = {"logit-adjust": [], "meta-cala": []}
+    for r in range(repeats + 1):
+        for key in out:
+            method = (make_method(key, {**params, "tau": 1.5}) if key == "logit-adjust"
+                      else make_method(key, params).set_table(table).set_meta_set(meta_set))
+            c0 = time.process_time()
+            method.fit(train, val)
+            if r:  # the first round warms up
+                out[key].append((time.process_time() - c0) / epochs)
+    return {key: float(np.median(v)) for key, v in out.items()} | {"rows": len(train), "dim": train.dim,
+                                                                     "classes": train.num_classes,
+                                                                     "meta_rows": len(meta_set.rows)}
+
+
+def timing_section(results: dict, args) -> str:
+    lines = ["CPU seconds per epoch (median of the repeats) of `meta-cala` against its non-meta base "
+             "`logit-adjust` (`tau = 1.5`) on the same features, default batch size (256), K = 30, the "
+             "neighbour table and the meta set handed over (built once per store by the pipeline):", "",
+             "| features | train rows x dim, classes | meta rows | `logit-adjust` s/epoch | `meta-cala` s/epoch "
+             "| ratio |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['rows']} x {r['dim']}, {r['classes']} | {r['meta_rows']} | "
+                     f"{r['logit-adjust']:.3g} | {r['meta-cala']:.3g} | {r['meta-cala'] / r['logit-adjust']:.1f} |")
+    lines += ["", f"Measured on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), "
+              f"{args.threads} torch thread(s), torch {torch.__version__}; digits-lt {args.epochs} epochs x "
+              f"{args.repeats} repeats, the synthetic set at fraction {args.fraction:g}, {args.synthetic_epochs} "
+              f"epoch(s) x {args.synthetic_repeats}. A meta step costs the look-ahead (a forward and backward with "
+              "graph, the meta batch, a double backward) and the characteristics (the head on the batch's n x K "
+              f"neighbour rows). `{TIMING_COMMAND}` regenerates this section."]
+    return "\n".join(lines)
+
+
+def timing(args) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)  # the table is built outside the timed fits, but not on every core
+    results = {}
+    for name, epochs, repeats in (("digits-lt", args.epochs, args.repeats),
+                                  ("imagenet-lt-synthetic", args.synthetic_epochs, args.synthetic_repeats)):
+        train, val = timing_sets(name, args.fraction, args.device)
+        results[name] = time_fits(train, val, epochs, repeats, args.device)
+        print(name, results[name], file=sys.stderr, flush=True)
+    text = timing_section(results, args)
+    print(text)
+    if args.write_readme:
+        write_section(TIMING_START, TIMING_END, text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", default=None, help="run directory (default: a new temporary directory)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--write-readme", action="store_true")
+    p.add_argument("--timing", action="store_true", help="measure the cost per epoch instead of the study")
+    p.add_argument("--epochs", type=int, default=30, help="timing: digits-lt epochs per fit (30)")
+    p.add_argument("--repeats", type=int, default=3, help="timing: digits-lt fits per method (3)")
+    p.add_argument("--fraction", type=float, default=0.1, help="timing: share of the synthetic train rows (0.1)")
+    p.add_argument("--synthetic-epochs", type=int, default=1, help="timing: synthetic epochs per fit (1)")
+    p.add_argument("--synthetic-repeats", type=int, default=1, help="timing: synthetic fits per method (1)")
+    p.add_argument("--device", default="cpu", help="timing: device (cpu)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.timing:
+        timing(args)
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out or tempfile.mkdtemp(prefix="meta-cala-study-")
+    results, diags, seconds = [], [], []
+    for seed in seeds:
+        res, diag, sec = run_seed(seed, os.path.join(out, f"seed{seed}"))
+        results.append(res)
+        diags.append(diag)
+        seconds.append(sec)
+        print(f"seed {seed}: {sec:.0f} s ({os.path.join(out, f'seed{seed}', 'glt.md')})", file=sys.stderr)
+    text = section(results, diags, seeds, seconds, args.threads)
+    print(text)
+    if args.write_readme:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()
