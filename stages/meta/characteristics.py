@@ -36,8 +36,12 @@ the head's input (the standardised feature):
 (:func:`static_characteristics`), so ζ40-42 are identically 0. ζ7-12 are computed **exactly** at the
 current parameters by running the head, without gradient, on the ``n·K`` neighbour rows of the
 batch (specification §2.3; the released code's in-batch neighbourhoods are a different, batch-dependent
-estimator, not copied). Everything is vectorised in torch on the device of the features: no
-per-sample Python loop; the ``(N, 21)`` memory of previous values is the only O(N) state.
+estimator, not copied). That forward pass costs ``K`` times the batch's own; ``cached`` trades it for
+staleness (the specification's documented option): every row's ζ1-6 are kept in an ``(N, 6)`` table,
+filled at the first call and refreshed whenever the row is in a batch, and ζ7-12 are means of the
+table's rows, so a neighbour's values are up to an epoch old. Everything is vectorised in torch on the
+device of the features: no per-sample Python loop; the ``(N, 21)`` memory of previous values (and the
+``(N, 6)`` table) are the only O(N) state.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ NAMES: tuple[str, ...] = (
                              "same_label_share", "other_label_share", "nb_cosine")),
 )
 #: rows per chunk of :func:`static_characteristics` (bounds its ``(R, K, K)`` and ``(R, D)`` temporaries)
+#: and of the first fill of the cached table
 STATIC_CHUNK = 8192
 
 
@@ -123,14 +128,17 @@ class TrainingCharacteristics:
         features: ``(N, D)`` the head's inputs ``h`` of the train rows (standardised), on the fit's device.
         labels: ``(N,)`` int64 train labels on the same device.
         neighbours: ``(N, K)`` int64 neighbour rows on the same device (self excluded).
+        cached: ζ7-12 from a table of every row's last ζ1-6 instead of the head on the neighbours.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor,
+                 cached: bool = False):
         if neighbours.dim() != 2 or neighbours.shape[0] != features.shape[0] or neighbours.shape[1] < 1:
             raise ValueError(f"neighbours {tuple(neighbours.shape)} is not (N = {features.shape[0]}, K >= 1)")
         self.features = features
         self.labels = labels
         self.neighbours = neighbours
+        self.cached = bool(cached)
         self.static = static_characteristics(features, labels, neighbours)
         self.reset()
 
@@ -139,19 +147,29 @@ class TrainingCharacteristics:
         n = self.features.shape[0]
         self.previous = torch.zeros(n, 21, dtype=torch.float32, device=self.features.device)
         self.visited = torch.zeros(n, dtype=torch.bool, device=self.features.device)
+        self.table: torch.Tensor | None = None  # (N, 6) ζ1-6 of every row when cached, filled at first use
 
     @torch.no_grad()
     def __call__(self, head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor,
                  update: bool = True) -> torch.Tensor:
         """ζ ``(n, 42)`` float32 of the train rows ``rows`` ``(n,)`` (distinct rows), ``head``
         mapping ``(B, D)`` inputs to ``(B, C)`` logits at the current parameters (called without
-        gradient, on the batch and on its ``n·K`` neighbour rows). With ``update`` the rows'
-        ζ1-ζ21 become their "previous" values (specification §2.4, line 6a)."""
+        gradient, on the batch and on its ``n·K`` neighbour rows, or with ``cached`` on the batch and,
+        at the first call, on every row). With ``update`` the rows' ζ1-ζ21 become their "previous"
+        values (specification §2.4, line 6a); a cached table is refreshed at the rows either way."""
         nb = self.neighbours[rows]  # (n, K)
         n, k = nb.shape
         own = basic_characteristics(head(self.features[rows]), self.labels[rows])
-        flat = nb.reshape(-1)
-        around = basic_characteristics(head(self.features[flat]), self.labels[flat]).view(n, k, 6).mean(1)
+        if self.cached:
+            if self.table is None:
+                self.table = torch.cat([basic_characteristics(head(self.features[i:i + STATIC_CHUNK]),
+                                                              self.labels[i:i + STATIC_CHUNK])
+                                        for i in range(0, self.features.shape[0], STATIC_CHUNK)])
+            self.table[rows] = own
+            around = self.table[nb].mean(1)
+        else:
+            flat = nb.reshape(-1)
+            around = basic_characteristics(head(self.features[flat]), self.labels[flat]).view(n, k, 6).mean(1)
         current = torch.cat([own, around, own - around, self.static[rows]], dim=1)  # (n, 21)
         seen = self.visited[rows, None]
         delta = torch.where(seen, current - self.previous[rows], torch.zeros_like(current))

@@ -135,3 +135,22 @@ def test_invariants_on_random_data():
     assert (zeta[:, 20].abs() <= 1 + 1e-6).all()
     # the static block equals a second, chunked computation (chunk boundaries change nothing)
     torch.testing.assert_close(static_characteristics(x, y, nb, chunk=7), zeta[:, 18:21])
+
+
+def test_cached_neighbour_characteristics_are_the_exact_ones_when_refreshed_and_stale_otherwise():
+    exact = extractor()
+    cached = TrainingCharacteristics(torch.tensor(H), torch.tensor(Y), torch.tensor(NB), cached=True)
+    # the first call fills the table at the current head: the same values as the exact computation
+    rows = torch.tensor([0, 3])
+    np.testing.assert_allclose(cached(head(), rows).numpy(), exact(head(), rows).numpy(), atol=1e-7)
+    moved = head()
+    with torch.no_grad():
+        moved.weight.mul_(2.0)
+    # rows 1 and 5 (row 0's neighbours) were not refreshed: row 0's zeta 7-12 still use the old head
+    got = cached(moved, torch.tensor([0]))[0, 6:12].numpy()
+    np.testing.assert_allclose(got, mean(B, M), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(exact(moved, torch.tensor([0]))[0, 6:12].numpy(), got)
+    # once they are refreshed (in a batch at the moved head), row 0 sees their new values
+    cached(moved, torch.tensor([1, 5]))
+    np.testing.assert_allclose(cached(moved, torch.tensor([0]))[0, 6:12].numpy(),
+                               exact(moved, torch.tensor([0]))[0, 6:12].numpy(), atol=1e-6)

@@ -258,3 +258,13 @@ def test_tau1_changes_nothing_when_the_classes_are_balanced():
     a = make_method("meta-cala", {**SGD, "k": 5, "tau1": 0.0}).fit(balanced, VAL).logits(TEST_X)
     b = make_method("meta-cala", {**SGD, "k": 5, "tau1": 1.5}).fit(balanced, VAL).logits(TEST_X)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_cached_neighbour_statistics_train_a_close_but_different_head():
+    exact = make_method("meta-cala", {**SGD, "k": 5}).fit(TRAIN, VAL)
+    cached = make_method("meta-cala", {**SGD, "k": 5, "neighbour_stats": "cached"}).fit(TRAIN, VAL)
+    a, b = exact.logits(TEST_X), cached.logits(TEST_X)
+    assert not np.array_equal(a, b)  # stale neighbour values are another input to the network
+    assert (a.argmax(1) == b.argmax(1)).mean() > 0.9
+    with pytest.raises(LongtailError, match="neighbour_stats"):
+        make_method("meta-cala", {**SGD, "neighbour_stats": "stale"}).fit(TRAIN, VAL)
