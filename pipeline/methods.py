@@ -19,7 +19,7 @@ import numpy as np
 from longtail.pipeline.config import MethodSpec, RunConfig
 from longtail.pipeline.io import from_npy, npy_bytes
 from longtail.pipeline.keys import method_code_version, stable_hash, with_device, without_device
-from longtail.pipeline.requirements import provide
+from longtail.pipeline.requirements import check_split, provide
 from longtail.pipeline.stores import StoreInfo, artifact_store, open_features
 from longtail.stages.base import Frozen, Method, Wrapper
 from longtail.stages.data import FeatureSet
@@ -82,13 +82,18 @@ def planned_method(cfg: RunConfig, spec: MethodSpec, store_fingerprint: str) -> 
     return method, params, method_key(store_fingerprint, spec, params, method)
 
 
-def validate_methods(cfg: RunConfig, num_classes: int | None = None) -> None:
+def validate_methods(cfg: RunConfig, num_classes: int | None = None, splits: tuple[str, ...] | None = None) -> None:
     """Build every configured method once, so an unknown name, target or parameter fails before
-    any work; with the number of classes, also the parameters that depend on it (a prior's length)."""
+    any work; with the number of classes, also the parameters that depend on it (a prior's length);
+    with the store's split names, also a shared artifact built on a split the store lacks (a meta set
+    drawn from val)."""
     for spec in cfg.methods:
         method, _ = build_method(cfg, spec)
         if num_classes is not None:
             method.check_params(num_classes)
+        if splits is not None:
+            for req in method.requirements():
+                check_split(req, splits, f"method {spec.label!r} on store {cfg.store!r}")
 
 
 def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:

@@ -23,11 +23,11 @@ def preflight(cfg: RunConfig) -> None:
         if status != "complete":
             raise LongtailError(f"store {cfg.store!r} is {status} and the config names no dataset to extract it from")
         fs = open_store(cfg.store, storage_options=cfg.storage_options)
-        validate_methods(cfg, fs.num_classes)
+        validate_methods(cfg, fs.num_classes, fs.splits)
         use_groups(cfg, fs.has_attributes("test"), f"store {cfg.store!r}")
         return
     ds, _, key = planned_extract(cfg)
-    validate_methods(cfg, ds.num_classes)
+    validate_methods(cfg, ds.num_classes, tuple(ds.splits))
     use_groups(cfg, ds.splits["test"].attributes is not None, f"dataset {ds.name!r}")
     if status == "complete":
         complete_store(cfg, key, ds.fingerprint)

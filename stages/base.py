@@ -69,7 +69,7 @@ class Requirement:
     that declares it.
     """
 
-    kind: str  #: artifact kind: "neighbours" | "dlsa-cascade"
+    kind: str  #: artifact kind: "neighbours" | "dlsa-cascade" | "meta-set"
     params: Mapping[str, Any]  #: JSON-able, decides the artifact with the store (may hold "device")
     modules: tuple[str, ...]  #: modules whose import closure enters the key
     build: Callable[[FeatureSet], Any]  #: builds it on the split :attr:`split` (train by default)

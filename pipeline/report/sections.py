@@ -5,6 +5,7 @@ Each is ``{"title", "text", "columns", "rows"}`` with cells already formatted as
 from __future__ import annotations
 
 from longtail.pipeline.io import pct
+from longtail.pipeline.report.meta import meta_sections
 
 
 def _f(v, digits: int) -> str:
@@ -154,4 +155,4 @@ def selection_sections(metrics: dict) -> list[dict]:
 def report_sections(metrics: dict) -> list[dict]:
     """The report's tables beyond the comparison, in order."""
     found = [calibration_section(metrics), group_section(metrics), dlsa_section(metrics)]
-    return [s for s in found if s] + shift_sections(metrics) + selection_sections(metrics)
+    return [s for s in found if s] + meta_sections(metrics) + shift_sections(metrics) + selection_sections(metrics)

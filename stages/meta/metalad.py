@@ -113,12 +113,17 @@ class LogitPerturbationObjective(MetaObjective):
         self.delta_rows = torch.zeros(int(epochs), dtype=torch.float64, device=dev)
 
     def terms_tensor(self) -> torch.Tensor:
-        """``T`` ``(3, C, C)``: ``P``, ``V``, ``G``, each times its ``terms`` switch."""
-        return torch.stack([self.P, self.V, self.G]) * self.mask[:, None, None]
+        """``T`` ``(3, C, C)``: ``P``, ``V``, ``G``, each times its ``terms`` switch, zero on the
+        diagonal (kept until one of them is replaced, i.e. until ``V`` is refreshed)."""
+        key = (id(self.P), id(self.V), id(self.G), id(self.off))
+        if getattr(self, "_key", None) != key:
+            self._T = torch.stack([self.P, self.V, self.G]) * self.mask[:, None, None] * self.off
+            self._key = key
+        return self._T
 
     def delta(self, lam: torch.Tensor) -> torch.Tensor:
         """``δ`` ``(C, C)`` = ``Σ_k λ_k ⊙ T_k``, zero on the diagonal (eq. 33)."""
-        return (lam * self.terms_tensor()).sum(0) * self.off
+        return (lam * self.terms_tensor()).sum(0)
 
     def meta_variables(self, state: TrainState, batch: Batch) -> Tensors:
         """``Λ`` (persistent); ``V`` refreshed from the current ``W`` every ``stats_interval`` calls
@@ -153,11 +158,12 @@ class LogitPerturbationObjective(MetaObjective):
         e = state.epoch
         with torch.no_grad():
             lam = new["lam"]
-            d = self.delta(lam)[self._labels].abs().sum(1) / max(int(self.off.shape[0]) - 1, 1)
+            c = int(self.off.shape[0])
+            d = self.delta(lam)[self._labels].abs().sum(1) / max(c - 1, 1)
             self.delta_sum[e] += d.double().sum()
             self.delta_rows[e] += float(d.shape[0])
-            off = self.off.bool()
-            self.lam_mean[e] = torch.stack([lam[k][off].double().mean() for k in range(3)])
+            diag = lam.diagonal(dim1=1, dim2=2).double().sum(1)  # (unused entries, left out of the mean)
+            self.lam_mean[e] = (lam.double().sum((1, 2)) - diag) / max(c * (c - 1), 1)
             self.lam_moved[e] = (lam - self.init).abs().max().double()
         return new
 
@@ -222,7 +228,11 @@ class MetaLADHead(MetaHead):
         return (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
 
     def objective(self, ctx: FitContext) -> LogitPerturbationObjective:
-        data = self._data
+        """The objective of this head's own fit (its statistics are those of the rows it trains on)."""
+        data = getattr(self, "_data", None)
+        if data is None:  # a composite (dlsa+metalad) training this objective on its own rows and module
+            raise LongtailError(f"method {self.name!r} trains only as a head of its own: its statistics and "
+                                "variance term need its own rows and linear module (no dlsa+metalad)")
         counts = torch.as_tensor(np.asarray(ctx.class_counts), device=ctx.device)
         stats = pair_statistics(data.x, data.y, counts)
         return LogitPerturbationObjective(stats=stats, counts=counts, labels=data.y, terms=self._terms(),
