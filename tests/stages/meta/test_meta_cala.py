@@ -268,3 +268,12 @@ def test_cached_neighbour_statistics_train_a_close_but_different_head():
     assert (a.argmax(1) == b.argmax(1)).mean() > 0.9
     with pytest.raises(LongtailError, match="neighbour_stats"):
         make_method("meta-cala", {**SGD, "neighbour_stats": "stale"}).fit(TRAIN, VAL)
+
+
+def test_the_report_tells_an_idle_meta_step_from_a_moving_one():
+    from longtail.pipeline.report.meta import movement
+
+    idle = make_method("meta-cala", {**SGD, "k": 5, "meta_lr": 0.0}).fit(TRAIN, VAL).diagnostics(TRAIN)["meta"]
+    moving = make_method("meta-cala", {**SGD, "k": 5}).fit(TRAIN, VAL).diagnostics(TRAIN)["meta"]
+    assert movement(idle)[2] == "barely moved" and idle["barely_moved"]
+    assert movement(moving)[2] == "moved" and not moving["barely_moved"]
