@@ -9,6 +9,7 @@ Usage (from the repository root)::
     python benchmarks/meta_cala_study.py                           # print the study section
     python benchmarks/meta_cala_study.py --write-readme            # also write it into README.md
     nice python benchmarks/meta_cala_study.py --timing --write-readme   # the cost section instead
+    python benchmarks/meta_cala_study.py --digits-lt --write-readme     # the digits-lt section instead
 
 A script, not a test: seeded and reproducible (the same machine and thread count give the same
 accuracies); nothing in it asserts a time. For each seed it runs what ``longtail glt --no-prefect``
@@ -17,6 +18,10 @@ the methods below at their default parameters unless the label says otherwise, a
 Meta-CALA fit's diagnostics (``metrics.json``, section ``meta``): the mean size of the effective
 adjustment ``tau2 |δ − mean_c δ|`` over the last epoch, so that "no gain" can be told apart from "the
 meta step did nothing".
+
+``--digits-lt`` runs what ``longtail run --no-prefect`` runs on ``digits-lt`` at imbalance ratios 10,
+20 and 50 instead (same seeds; the builtin CNN per ratio and seed; the meta set 2 val rows per (class,
+KMeans group), the store having no attributes) and reports balanced and few-shot accuracy.
 
 ``--timing`` measures the cost instead: CPU seconds per epoch of ``meta-cala`` against its non-meta
 base ``logit-adjust`` (``tau = 1.5``; same epochs, batch size, lr, seed) on the same features, with
@@ -51,6 +56,10 @@ from longtail.pipeline import glt  # noqa: E402
 from longtail.pipeline.config import parse_config  # noqa: E402
 from readme import write_section  # noqa: E402
 
+LT_START = "<!-- meta-cala-lt:start -->"
+LT_END = "<!-- meta-cala-lt:end -->"
+LT_COMMAND = "python benchmarks/meta_cala_study.py --digits-lt --write-readme"
+RATIOS = (10, 20, 50)
 TIMING_START = "<!-- meta-cala-bench:start -->"
 TIMING_END = "<!-- meta-cala-bench:end -->"
 TIMING_COMMAND = "nice python benchmarks/meta_cala_study.py --timing --write-readme"
@@ -72,6 +81,8 @@ METHODS = [
     ("meta-cala[cached]", "meta-cala", {"neighbour_stats": "cached"}),
 ]
 META = [label for label, name, _ in METHODS if name == "meta-cala"]
+#: digits-lt has no attributes: the default meta set is already KMeans-grouped
+LT_METHODS = [m for m in METHODS if m[0] != "meta-cala[kmeans]"] + [("tau-norm", "tau-norm", {})]
 #: what the meta-cala variants are compared with (paired differences)
 BASES = ["logit-adjust[tau=1.5]", "logit-adjust", "heuristic-cala", "crt"]
 
@@ -131,10 +142,10 @@ def section(results: list[dict], diags: list[dict], seeds: list[int], seconds: l
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, start: str = START_MARKER, end: str = END_MARKER,
+                 tag: str = "<!-- meta-cala-study:findings -->") -> None:
     """Replace the text between the markers (README.md re-read right before writing), keeping a
     findings paragraph that follows the findings marker up to the first blank line."""
-    tag = "<!-- meta-cala-study:findings -->"
 
     def keep_findings(old: str) -> str:
         if tag in old:
@@ -143,7 +154,61 @@ def write_readme(text: str) -> None:
                 return text.replace(tag, f"{tag}\n{kept}", 1)
         return text
 
-    write_section(START_MARKER, END_MARKER, keep_findings)
+    write_section(start, end, keep_findings)
+
+
+# ---------------------------------------------------------------------------------------- digits-lt
+def run_lt(ratio: int, seed: int, out: str) -> dict:
+    from longtail.pipeline import graph
+
+    methods = [{"name": name, "label": label, "params": params} for label, name, params in LT_METHODS]
+    cfg = parse_config({"store": os.path.join(out, "features.zarr"),
+                        "dataset": {"name": "digits-lt", "imbalance_ratio": ratio},
+                        "backbone": {"kind": "builtin"}, "output": out, "seed": seed, "device": "auto",
+                        "evaluation": {"shift_ratios": []}, "methods": methods}, source="meta_cala_study")
+    return graph.run_all(cfg)
+
+
+def lt_section(results: dict[int, list[dict]], seeds: list[int], seconds: float, threads: int) -> str:
+    lines = ["`digits-lt` (balanced test split, 50 images per class) at three imbalance ratios; per ratio and "
+             "seed the builtin CNN and its features, every method with its defaults unless its label says "
+             "otherwise (`meta-cala`: 2 val rows per (class, KMeans group of 6), 30 epochs of minibatch SGD). "
+             f"Balanced accuracy and few-shot accuracy in %, mean over seeds {', '.join(map(str, seeds))}; the "
+             "adjustment: the last epoch's mean `tau2 |δ - mean δ|` in logits.", "",
+             "| method | " + " | ".join(f"IF {r}: bal. acc. | IF {r}: few" for r in RATIOS)
+             + " | adjustment IF 10 / 20 / 50 |",
+             "|---" + "|---:" * (2 * len(RATIOS) + 1) + "|"]
+    for label, name, _ in LT_METHODS:
+        cells = []
+        for r in RATIOS:
+            cells += [_cell([m["methods"][label]["balanced_accuracy"] for m in results[r]]),
+                      f"{100 * np.nanmean([m['methods'][label]['few'] for m in results[r]]):.1f}"]
+        size = " / ".join(f"{np.mean([m['meta'][label]['delta_mean_abs'][-1] for m in results[r]]):.2g}"
+                          for r in RATIOS) if name == "meta-cala" else ""
+        lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {size} |")
+    lines += ["", "Paired differences of `meta-cala` in balanced accuracy, percentage points, mean over seeds "
+              "(range in brackets):", "", "| `meta-cala` minus | " + " | ".join(f"IF {r}" for r in RATIOS) + " |",
+              "|---" + "|---:" * len(RATIOS) + "|"]
+    for base in ("logit-adjust[tau=1.5]", "logit-adjust", "heuristic-cala", "crt", "tau-norm"):
+        cells = [_delta([m["methods"]["meta-cala"]["balanced_accuracy"] for m in results[r]],
+                        [m["methods"][base]["balanced_accuracy"] for m in results[r]]) for r in RATIOS]
+        lines.append(f"| `{base}` | " + " | ".join(cells) + " |")
+    lines += ["", "<!-- meta-cala-lt:findings -->", "",
+              f"Measured on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), "
+              f"{threads} torch thread(s), torch {torch.__version__}; {seconds:.0f} s in all (CNNs and features "
+              f"included). `{LT_COMMAND}` regenerates this section (the findings paragraph is kept)."]
+    return "\n".join(lines)
+
+
+def digits_lt(args) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out or tempfile.mkdtemp(prefix="meta-cala-lt-")
+    t0 = time.perf_counter()
+    results = {r: [run_lt(r, s, os.path.join(out, f"if{r}-seed{s}")) for s in seeds] for r in RATIOS}
+    text = lt_section(results, seeds, time.perf_counter() - t0, args.threads)
+    print(text)
+    if args.write_readme:
+        write_readme(text, LT_START, LT_END, "<!-- meta-cala-lt:findings -->")
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -251,6 +316,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--write-readme", action="store_true")
     p.add_argument("--timing", action="store_true", help="measure the cost per epoch instead of the study")
+    p.add_argument("--digits-lt", action="store_true", help="the digits-lt study instead (imbalance 10, 20, 50)")
     p.add_argument("--epochs", type=int, default=30, help="timing: digits-lt epochs per fit (30)")
     p.add_argument("--repeats", type=int, default=3, help="timing: digits-lt fits per method (3)")
     p.add_argument("--fraction", type=float, default=0.1, help="timing: share of the synthetic train rows (0.1)")
@@ -261,6 +327,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.timing:
         timing(args)
+        return
+    if args.digits_lt:
+        digits_lt(args)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     out = args.out or tempfile.mkdtemp(prefix="meta-cala-study-")
