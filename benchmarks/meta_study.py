@@ -274,8 +274,9 @@ def section(results, seeds, digits, large, refresh, threads, seconds) -> str:
     lines.append("")
     lines.append(f"Measured on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared with "
                  f"other jobs), {threads} torch thread(s), torch {torch.__version__}; the accuracy runs took "
-                 + ", ".join(f"{s:.0f} s" for s in seconds) + f" per (ratio, seed). `{COMMAND}` regenerates this "
-                 "section (the findings paragraph is kept).")
+                 f"{min(seconds):.0f} to {max(seconds):.0f} s per (ratio, seed), builtin CNN included (0 s: a rerun "
+                 f"on the same `--out`, every stage cached). `{COMMAND}` regenerates this section (the findings "
+                 "paragraph is kept).")
     return "\n".join(lines)
 
 

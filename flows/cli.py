@@ -6,6 +6,7 @@ nothing already written is touched when the input is bad, because every check ru
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -31,15 +32,33 @@ app = typer.Typer(
 )
 
 
+#: operating-system errors that are the machine's state or the user's input, not a bug: a full disk,
+#: a path too long, a read-only or forbidden place. One line naming the file, like a LongtailError.
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE})
+
+
+def user_os_error(exc: BaseException) -> str | None:
+    """The one line for an OSError of :data:`USER_OS_ERRORS` (``FILE: reason``), else None."""
+    if not isinstance(exc, OSError) or exc.errno not in USER_OS_ERRORS:
+        return None
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    text = exc.strerror or os.strerror(exc.errno)
+    where = os.fsencode(str(where)).decode("utf-8", "backslashreplace") if where else ""
+    return f"{where}: {text}" if where else text
+
+
 class _DropUserErrors(logging.Filter):
     """Prefect logs a task's exception with its traceback; user errors are reported once, by us."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, LongtailError):
+        if isinstance(exc, LongtailError) or (exc is not None and user_os_error(exc) is not None):
             return False
         msg = record.getMessage()
-        return "LongtailError" not in msg
+        return "LongtailError" not in msg and not any(os.strerror(e) in msg for e in USER_OS_ERRORS)
 
 
 def _quiet_user_errors() -> None:
@@ -57,7 +76,13 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LongtailError as exc:
-            typer.echo(f"longtail: error: {exc}", err=True)
+            typer.echo(f"longtail: error: {' '.join(str(exc).split())}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            line = user_os_error(exc)
+            if line is None:
+                raise
+            typer.echo(f"longtail: error: {line}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -71,13 +96,14 @@ def _run(cfg, use_prefect: bool) -> dict:
     if not use_prefect:
         return run_all(cfg)
     from longtail.flows.pipeline_flow import longtail_flow
-    from longtail.flows.runners import check_prefect_api, check_runner
+    from longtail.flows.runners import check_prefect_api, check_runner, temporary_prefect_server
 
     check_runner(cfg.runner)
     check_prefect_api()
 
     _quiet_user_errors()
-    return longtail_flow(cfg.model_dump(mode="json"))
+    with temporary_prefect_server():  # without PREFECT_API_URL: a local server that dies with this run
+        return longtail_flow(cfg.model_dump(mode="json"))
 
 
 def _pct(v, digits: int = 2) -> str:
@@ -156,8 +182,27 @@ def status(
 
     cfg = load_config(config)
     validate_methods(cfg)
-    res = stage_status(cfg)
+    res = stage_status(cfg)  # runs no user code: a python backbone is hashed, not built
     typer.echo(json.dumps(res, indent=2) if as_json else format_status(res))
+
+
+@app.command()
+@_user_errors
+def verify(
+    target: str = typer.Argument(..., help="A feature store, a run directory or a YAML config."),
+) -> None:
+    """Check a store, a run directory or a config's outputs against their recorded fingerprints and
+    hashes (store content and train class counts, every cached artifact, the evaluation's and the
+    report's commit records); computes nothing. Exit status 2 when anything is corrupt."""
+    from longtail.pipeline.status import verify_target
+
+    results = verify_target(target)
+    for r in results:
+        typer.echo(f"{'ok' if r['ok'] else 'corrupt':<9}{r['what']}" + (f": {r['detail']}" if r["ok"] and r["detail"] else ""))
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        raise LongtailError(f"{len(bad)} of {len(results)} checked corrupt: " + " | ".join(r["detail"] for r in bad))
+    typer.echo(f"verify: all {len(results)} checked, nothing corrupt")
 
 
 @app.command()
@@ -168,6 +213,10 @@ def deploy(
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default longtail-<config file name>)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Register with this Prefect work pool instead of serving from this process."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) and exit."),
+    allow_config_override: bool = typer.Option(
+        False, "--allow-config-override",
+        help="Let flow runs of this deployment bring their own config (anyone who can reach the Prefect API "
+             "can then choose what the worker runs)."),
 ) -> None:
     """Schedule the full pipeline for CONFIG as a Prefect deployment (batch retraining on a cron).
 
@@ -181,9 +230,9 @@ def deploy(
 
     dp.check_cron(cron)
     cfg = load_config(config)
-    preflight(cfg)
+    preflight(cfg, run_code=not dry_run)  # a dry run builds no python backbone (runs no user code)
     check_runner(cfg.runner)
-    dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool)
+    dep = dp.build_deployment(cfg, cron, name or dp.default_name(config), pool, allow_override=allow_config_override)
     schedule = f"cron {cron!r}"
     if dry_run:
         typer.echo(f"deployment {dep.name} (flow longtail, entrypoint {dep.entrypoint}), {schedule}")
@@ -272,16 +321,10 @@ def dlsa_diagnostics(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Head-tail separability of the features in each store (DLSA flow filters only, no classifier)."""
-    import yaml
-
+    from longtail.pipeline.config import parse_set
     from longtail.pipeline.diagnostics import run_dlsa_diagnostics
 
-    params = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
-        params[key.strip()] = yaml.safe_load(value)
+    params = parse_set(set_ or [])
     res = run_dlsa_diagnostics(stores, out, params, seed=seed, device=device)
     _echo_table([("store", 40), ("filter", 7), ("tail in", 9), ("separation", 12), ("entropy", 9), ("purity", 8)],
                 [[url[-40:], str(f["filter"]), _pct(f["tail_share_in"], 1), _pct(f["separation_accuracy"], 1),
@@ -298,11 +341,16 @@ def glt(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as Prefect flows (default) or plain Python."),
 ) -> None:
     """Run the pipeline once per generalized long-tail protocol (CLT, ALT, GLT) and compare them."""
+    import contextlib
+
+    from longtail.flows.runners import temporary_prefect_server
     from longtail.pipeline import glt as g
     from longtail.pipeline.config import load_config
 
     cfg = load_config(config)
-    res = g.run_protocols(cfg, g.parse_protocols(protocols), run=lambda c: _run(c, prefect))
+    protos = g.parse_protocols(protocols)
+    with temporary_prefect_server() if prefect else contextlib.nullcontext():  # one server for every protocol
+        res = g.run_protocols(cfg, protos, run=lambda c: _run(c, prefect))
     _echo_table([("method", 22)] + [c for p in res["protocols"] for c in ((p.upper() + " acc", 10), ("worst", 8))],
                 [[name] + [v for p in res["protocols"] for v in (_pct(per[p]["accuracy"]), _pct(per[p]["worst_group"]))]
                  for name, per in res["methods"].items()])

@@ -37,28 +37,32 @@ def _absolute(url: str | None) -> str | None:
     return os.path.abspath(url)
 
 
-def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
-    """The flow's ``config`` parameter: the validated config with local paths made absolute."""
+def deployment_parameters(cfg: RunConfig, allow_override: bool = False) -> dict[str, Any]:
+    """The flow's parameters: ``config``, the validated config with local paths made absolute, and
+    ``allow_config_override`` (whether a flow run may bring another config; read from the stored
+    deployment, never from the run, see :func:`flows.pipeline_flow.check_run_config`)."""
     data = cfg.model_dump(mode="json", exclude_none=True)
     for key in ("store", "output", "artifacts"):
         if key in data:
             data[key] = _absolute(data[key])
     if data.get("backbone", {}).get("path"):
         data["backbone"]["path"] = _absolute(data["backbone"]["path"])
-    return {"config": data}
+    return {"config": data, "allow_config_override": bool(allow_override)}
 
 
 def default_name(config_path: str) -> str:
     return "longtail-" + os.path.splitext(os.path.basename(config_path))[0]
 
 
-def build_deployment(cfg: RunConfig, cron: str, name: str, work_pool: str | None = None) -> RunnerDeployment:
-    """The deployment object (not registered yet) of the full flow for ``cfg`` on ``cron``."""
+def build_deployment(cfg: RunConfig, cron: str, name: str, work_pool: str | None = None,
+                     allow_override: bool = False) -> RunnerDeployment:
+    """The deployment object (not registered yet) of the full flow for ``cfg`` on ``cron``; its flow
+    runs refuse a config other than ``cfg`` unless ``allow_override``."""
     from longtail.flows.pipeline_flow import longtail_flow
 
     check_cron(cron)
     return longtail_flow.to_deployment(
-        name=name, cron=cron, parameters=deployment_parameters(cfg), work_pool_name=work_pool,
+        name=name, cron=cron, parameters=deployment_parameters(cfg, allow_override), work_pool_name=work_pool,
         description=f"longtail pipeline for {cfg.output} (store {cfg.store})", tags=["longtail"],
         entrypoint_type=EntrypointType.MODULE_PATH,  # runs wherever longtail is installed
     )

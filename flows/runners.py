@@ -3,12 +3,19 @@
 Independent stage-2 tasks (heads, DLSA cascades, wrappers) are Prefect tasks; where they run is
 Prefect's task runner: threads in this process, a Dask cluster (prefect-dask) or Ray (prefect-ray).
 An unreachable scheduler, Ray head or Prefect API is a one-line error before anything runs.
+Without a configured Prefect API, a run gets a temporary local server that dies with it
+(:func:`temporary_prefect_server`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from urllib.parse import urlparse
 
 from longtail.pipeline.config import RunnerConfig
@@ -70,6 +77,83 @@ def check_prefect_api() -> str | None:
     if resp.status_code >= 400:
         raise LongtailError(f"Prefect API at {url!r} answered {resp.status_code} to its health check")
     return url
+
+
+#: the watchdog of a temporary server: reads the server's pid(s) from its stdin, one per line, until
+#: the pipe ends (closed by the kernel however the run ends, SIGKILL included), then stops them
+_WATCHDOG = """
+import os, signal, sys, time
+pids = [int(line) for line in sys.stdin.buffer.read().split()]
+for pid in dict.fromkeys(pids):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+"""
+
+
+def _sigterm_exits(signum, frame):  # noqa: ARG001 (signal handler signature)
+    raise SystemExit(128 + signum)
+
+
+def _tied_server(watchdog: subprocess.Popen):
+    """Prefect's temporary-server launcher, telling ``watchdog`` each server pid as soon as the
+    process exists (before it answers: a run killed while it starts must not leave it behind)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class TiedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):  # Prefect's (3.8) launcher of the server process
+            proc = super()._run_uvicorn_command()
+            watchdog.stdin.write(f"{proc.pid}\n".encode())
+            watchdog.stdin.flush()
+            return proc
+
+    return TiedServer()
+
+
+@contextlib.contextmanager
+def temporary_prefect_server():
+    """The Prefect API of a Prefect-mode run: ``PREFECT_API_URL`` when it is set (yields it);
+    otherwise a temporary local server started here (what Prefect would start on its own), which
+    dies with the run however it ends: stopped when the block exits, on SIGTERM (``timeout``,
+    ``kill``: turned into ``SystemExit`` while the block runs in the main thread), and by a
+    watchdog process (its own session, so a terminal's Ctrl-C leaves it to us) when this process is
+    killed outright (SIGKILL, the out-of-memory killer)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value() or None
+    if url:
+        yield url
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _sigterm_exits) if main else None
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE, start_new_session=True)
+    server = _tied_server(watchdog)
+    try:
+        server.start()
+        watchdog.stdin.write(f"{server.server_process.pid}\n".encode())  # in case the launcher changed
+        watchdog.stdin.flush()
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        try:
+            server.stop()
+        finally:
+            watchdog.stdin.close()  # the server is stopped: the watchdog finds nothing left to stop
+            watchdog.wait()
+            if main:
+                signal.signal(signal.SIGTERM, old)
 
 
 def make_task_runner(rc: RunnerConfig):

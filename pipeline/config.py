@@ -23,12 +23,64 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from longtail.stages.errors import LongtailError
+
+
+#: the seeds every generator takes (numpy's, torch's): non-negative and below 2**63
+SEED_RANGE = (0, 2**63)
+
+
+def check_seed(value: Any, where: str = "seed") -> int:
+    """``value`` when it is an integer seed in :data:`SEED_RANGE` (not a bool, not a float)."""
+    lo, hi = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
+        raise ValueError(f"{where}: {value!r} must be an integer in [0, 2**63)")
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with numbers written ``1e-3`` or ``5E-4`` read as numbers (YAML 1.2;
+    PyYAML follows YAML 1.1, which wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, with :class:`_Loader` (``1e-3`` is a number): the config file and
+    every ``--set KEY=VALUE`` go through it."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no Python objects
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as ``{KEY: value}``, each value read as YAML (:func:`load_yaml`);
+    a malformed one is a LongtailError naming it."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LongtailError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            first = " ".join(str(exc).split())
+            raise LongtailError(f"--set {item!r}: the value is not valid YAML ({first})") from None
+    return out
 
 
 class _Strict(BaseModel):
@@ -71,10 +123,12 @@ class BackboneConfig(_Strict):
     # torchscript
     path: str | None = None
     method: str = "forward"
-    # python
+    # python: ``target`` is called with ``kwargs``, i.e. the config runs code; refused unless the
+    # config's owner sets ``allow_code: true`` (or the machine sets LONGTAIL_ALLOW_CODE=1)
     target: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     classifier: str | None = None
+    allow_code: bool = False
 
     @model_validator(mode="after")
     def _check_kind(self) -> "BackboneConfig":
@@ -223,6 +277,18 @@ class RunConfig(_Strict):
     #: seconds a second writer of the same store (or remote artifact) waits for the first
     lock_timeout: float = Field(600.0, ge=0)
 
+    @field_validator("store", "output", "artifacts")
+    @classmethod
+    def _not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (an empty path would write into the working directory)")
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v: Any) -> Any:
+        return check_seed(v)
+
     @field_validator("output")
     @classmethod
     def _local_output(cls, v: str) -> str:
@@ -247,8 +313,8 @@ class RunConfig(_Strict):
         if seeds is not None:
             if not isinstance(seeds, list) or not seeds:
                 raise ValueError("seeds: give a non-empty list of seeds, e.g. [0, 1, 2]")
-            if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**63 for x in seeds):
-                raise ValueError(f"seeds: {seeds!r}: every seed must be an integer in [0, 2**63)")
+            for x in seeds:
+                check_seed(x, f"seeds: {x!r} in {seeds!r}")
             if len(set(seeds)) != len(seeds):
                 raise ValueError(f"seeds: {seeds!r} lists a seed more than once")
             methods = expand_seeds(methods, seeds)
@@ -316,7 +382,7 @@ def load_config(path: str) -> RunConfig:
         raise LongtailError(f"config file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f.read())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0]
         raise LongtailError(f"config file {path!r} is not valid YAML ({first})") from None

@@ -13,7 +13,7 @@ import numpy as np
 
 from longtail.pipeline.combine import aggregate_seeds, balanced_accuracy, select_sweeps
 from longtail.pipeline.config import RunConfig
-from longtail.pipeline.io import write_bytes, write_json
+from longtail.pipeline.io import drop_commit, read_commit, write_bytes, write_commit, write_json
 from longtail.pipeline.keys import code_version, stable_hash
 from longtail.pipeline.methods import MethodResult, load_method, method_logits
 from longtail.pipeline.stores import StoreInfo, open_features
@@ -70,13 +70,28 @@ def recorded_evaluate(metrics: dict | None) -> dict:
     return ((metrics or {}).get("lineage") or {}).get("evaluate") or {}
 
 
+#: the commit record of ``metrics.json`` and ``evaluation.npz`` (written last, see :func:`run_evaluate`)
+EVALUATE_COMMIT = ".evaluate-commit.json"
+EVALUATE_FILES = ["metrics.json", "evaluation.npz"]
+
+
+def evaluation_problem(out_dir: str) -> str | None:
+    """None when ``metrics.json`` and ``evaluation.npz`` of ``out_dir`` are one committed
+    evaluation (both as written, by one run); otherwise why not."""
+    key, problem = read_commit(out_dir, EVALUATE_COMMIT)
+    if problem is None and recorded_evaluate(read_metrics(out_dir)).get("key") != key:
+        return f"metrics.json was not written with {EVALUATE_COMMIT}"
+    return problem
+
+
 def read_metrics(out_dir: str) -> dict | None:
     """``OUT/metrics.json`` of an earlier run, or None when absent or unreadable."""
     try:
         with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+            doc = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def declares_diagnostics(method: Method) -> bool:
@@ -97,15 +112,17 @@ def method_diagnostics(method: Method, train) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the stage
 def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], force: bool = False) -> dict:
     """Evaluate every configured method on the test split; write ``metrics.json`` and the
-    per-class details the report plots from (``evaluation.npz``).
+    per-class details the report plots from (``evaluation.npz``), committed as one by the record
+    :data:`EVALUATE_COMMIT` (hashes of both, written last).
 
     Keyed like every stage: when ``metrics.json`` was written from the same inputs (see
-    :func:`evaluate_inputs`), it is returned as it is (NaN metrics read back as None)."""
+    :func:`evaluate_inputs`) and both files still match their commit record, it is returned as it
+    is (NaN metrics read back as None)."""
     inputs = evaluate_inputs(cfg, store, results)
     key = evaluate_key(inputs)
     previous = None if force else read_metrics(cfg.output)
     if (previous is not None and recorded_evaluate(previous).get("key") == key
-            and os.path.isfile(os.path.join(cfg.output, "evaluation.npz"))):
+            and evaluation_problem(cfg.output) is None):
         return previous
     fs = open_features(cfg, store)
     test = fs.read("test")
@@ -174,9 +191,13 @@ def run_evaluate(cfg: RunConfig, store: StoreInfo, results: list[MethodResult], 
                           "artifacts": {r.name: r.key for r in results},
                           "evaluate": {"key": key, "inputs": inputs}}
     os.makedirs(cfg.output, exist_ok=True)
+    # one commit: the record goes first and comes back last, so that a crash between the two
+    # writes leaves files nobody trusts (they are evaluated again), never a mixed pair
+    drop_commit(cfg.output, EVALUATE_COMMIT)
     write_json(os.path.join(cfg.output, "metrics.json"), metrics)
     buf = io.BytesIO()
     np.savez_compressed(buf, **details)
     write_bytes(os.path.join(cfg.output, "evaluation.npz"), buf.getvalue())
+    write_commit(cfg.output, EVALUATE_COMMIT, key, EVALUATE_FILES)
     return metrics
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 
 from longtail.pipeline.config import RunConfig
 from longtail.pipeline.keys import extract_code_version, stable_hash
@@ -46,12 +48,66 @@ def planned_dataset(cfg: RunConfig):
     return load_dataset(d.name, seed=cfg.seed, **d.model_dump(exclude={"name"}, exclude_none=True))
 
 
+#: set to 1 on a machine (a worker) to allow ``python`` backbones in every config it runs
+ALLOW_CODE_ENV = "LONGTAIL_ALLOW_CODE"
+
+
+def check_code_allowed(cfg: RunConfig) -> None:
+    """A ``python`` backbone calls ``backbone.target`` with ``kwargs``: the config runs code. Only
+    where its owner allowed it (``backbone.allow_code: true``) or the machine does
+    (``LONGTAIL_ALLOW_CODE=1``)."""
+    b = cfg.backbone
+    if b.kind == "python" and not b.allow_code and os.environ.get(ALLOW_CODE_ENV) != "1":
+        raise LongtailError(
+            f"backbone: kind 'python' calls {b.target!r}, so this config runs code; it is refused unless "
+            f"backbone.allow_code is true (configs you trust only) or {ALLOW_CODE_ENV}=1 is set on this machine")
+
+
+def locate_module(target: str) -> str:
+    """The source file of ``target``'s module (``package.module:function``), found on ``sys.path``
+    without importing anything (not even its parent packages); LongtailError when there is none."""
+    from importlib.machinery import PathFinder
+
+    mod_name = target.partition(":")[0]
+    path, spec = None, None
+    parts = mod_name.split(".")
+    for i in range(len(parts)):
+        spec = PathFinder.find_spec(".".join(parts[: i + 1]), path)
+        if spec is None:
+            break
+        path = spec.submodule_search_locations
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise LongtailError(f"backbone target {target!r}: no source file of module {mod_name!r} on the Python path")
+    return spec.origin
+
+
+def python_source_hash(target: str) -> tuple[str, str]:
+    """``(file, blake2b)`` of the module file of a python backbone, read, never imported."""
+    path = locate_module(target)
+    with open(path, "rb") as f:
+        return path, hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def load_python_backbone(cfg: RunConfig) -> ex.Backbone:
+    """The ``python`` backbone of ``cfg``, built (runs its code: checked allowed first); whatever it
+    raises is a one-line error naming the target."""
+    b = cfg.backbone
+    check_code_allowed(cfg)
+    try:
+        return ex.load_python(b.target, b.kwargs, b.classifier)
+    except LongtailError:
+        raise
+    except Exception as exc:  # the user's code: anything at all
+        text = " ".join(str(exc).split()) or "no message"
+        raise LongtailError(f"backbone target {b.target!r} raised {type(exc).__name__}: {text}") from exc
+
+
 def _load_backbone(cfg: RunConfig, ds, artifacts: ArtifactStore, key: str) -> ex.Backbone:
     b = cfg.backbone
     if b.kind == "torchscript":
         return ex.load_torchscript(b.path, b.method)
     if b.kind == "python":
-        return ex.load_python(b.target, b.kwargs, b.classifier)
+        return load_python_backbone(cfg)
     if artifacts.exists("backbone", key):  # a resumed extraction reuses the trained CNN
         data = artifacts.read_file("backbone", key, "backbone.safetensors")
         meta = artifacts.read_meta("backbone", key)
@@ -73,22 +129,37 @@ def _planned_weights(cfg: RunConfig) -> str | None:
     if b.kind == "torchscript":
         return ex.load_torchscript(b.path, b.method).weights_hash
     if b.kind == "python":
-        return ex.load_python(b.target, b.kwargs, b.classifier).weights_hash
+        return load_python_backbone(cfg).weights_hash
     return None
 
 
-def planned_extract(cfg: RunConfig):
+def planned_extract(cfg: RunConfig, run_code: bool = True):
     """The dataset, the extraction inputs and the extraction key the config asks for (loads a user
-    backbone, so an unreadable file fails here)."""
+    backbone, so an unreadable file fails here).
+
+    ``run_code=False`` (``status``, ``deploy --dry-run``): a ``python`` backbone is not built (that
+    would run its code); its module file is located and hashed instead, the inputs carry
+    ``weights_hash: None`` and ``source`` (file and hash), and the key is None."""
     ds = planned_dataset(cfg)
+    if not run_code and cfg.backbone.kind == "python":
+        check_code_allowed(cfg)
+        path, digest = python_source_hash(cfg.backbone.target)
+        return ds, extract_inputs(cfg, ds.fingerprint, None) | {"source": {"file": path, "blake2b": digest}}, None
     inputs = extract_inputs(cfg, ds.fingerprint, _planned_weights(cfg))
     return ds, inputs, extract_key(inputs)
 
 
-def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) -> StoreInfo:
-    """A complete store the config may use: same extraction key, or no dataset in the config."""
+def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None, verify: bool = True) -> StoreInfo:
+    """A complete store the config may use: same extraction key, or no dataset in the config.
+
+    With ``verify`` (what a run does when it first opens the store) its content is checked
+    against its recorded fingerprints and class counts in one streaming pass
+    (:meth:`FeatureStore.verify`): an edited or damaged store is a one-line error naming it, before
+    anything is computed from it."""
     store = open_store(cfg.store, storage_options=cfg.storage_options)
     if key is None:
+        if verify:
+            store.verify()
         return StoreInfo(cfg.store, store.fingerprint, cached=True)
     made_by = store.attrs.get("extract_key")
     if made_by != key:
@@ -98,6 +169,8 @@ def complete_store(cfg: RunConfig, key: str | None, ds_fingerprint: str | None) 
             f"{store.dataset_fingerprint}, this config's {ds_fingerprint}): point `store` at a new "
             "path, or drop `dataset` from the config to use the store as it is"
         )
+    if verify:
+        store.verify()
     return StoreInfo(cfg.store, store.fingerprint, cached=True, extract_key=key)
 
 

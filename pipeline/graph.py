@@ -10,7 +10,7 @@ import logging
 from longtail.pipeline.config import RunConfig
 from longtail.pipeline.evaluate import run_evaluate
 from longtail.pipeline.extract import existing_store, run_extract
-from longtail.pipeline.methods import MethodResult, run_method, validate_methods
+from longtail.pipeline.methods import MethodResult, run_method, validate_data, validate_methods
 from longtail.pipeline.plan import method_plan, run_requirement_ref
 from longtail.pipeline.preflight import preflight
 from longtail.pipeline.report.build import render_report
@@ -35,6 +35,7 @@ def run_all(cfg: RunConfig) -> dict:
 def run_methods(cfg: RunConfig, store: StoreInfo) -> list[MethodResult]:
     """The shared artifacts (each once), then every configured method, in config order."""
     check_selections(cfg, open_features(cfg, store).splits)
+    validate_data(cfg, store)  # every method's data checks before the first fit
     for ref in method_plan(cfg).requirements:
         run_requirement_ref(cfg, ref, store)
     return [run_method(cfg, spec, store) for spec in cfg.methods]
@@ -67,6 +68,7 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict | None:
         return None
     store = existing_store(cfg)
     validate_methods(cfg, open_features(cfg, store).num_classes)
+    validate_data(cfg, store)
     if name != "evaluate":
         method_name = name.removeprefix("method:")
         specs = [s for s in cfg.methods if s.label == method_name]

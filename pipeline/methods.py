@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longtail.pipeline.config import MethodSpec, RunConfig
+from longtail.pipeline.config import MethodSpec, RunConfig, check_seed
 from longtail.pipeline.io import from_npy, npy_bytes
 from longtail.pipeline.keys import method_code_version, stable_hash, with_device, without_device
 from longtail.pipeline.requirements import check_split, provide
@@ -25,7 +25,7 @@ from longtail.stages.base import Frozen, Method, Wrapper
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
 from longtail.stages.registry import make_method, needs_full_split, parse_name
-from longtail.storage.artifacts import load_tensors, save_tensors
+from longtail.storage.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from longtail.storage.featurestore import FeatureStore
 
 
@@ -64,8 +64,21 @@ def resolved_params(cfg: RunConfig, spec: MethodSpec, method: Method) -> dict:
     return params
 
 
+def _check_seeds(label: str, params: dict, prefix: str = "") -> None:
+    """Every ``seed`` in a method's (nested) parameters within the generators' range."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            _check_seeds(label, value, f"{prefix}{key}.")
+        elif key == "seed":
+            try:
+                check_seed(value, f"method {label!r}: params.{prefix}seed")
+            except ValueError as e:
+                raise LongtailError(str(e)) from None
+
+
 def build_method(cfg: RunConfig, spec: MethodSpec) -> tuple[Method, dict]:
     """``spec``'s method, unfitted, with the run's seed and device, and its resolved parameters."""
+    _check_seeds(spec.label, spec.params)
     method = make_method(spec.name, spec.params, target=spec.target)
     params = resolved_params(cfg, spec, method)
     return make_method(spec.name, params, target=spec.target), params
@@ -96,6 +109,27 @@ def validate_methods(cfg: RunConfig, num_classes: int | None = None, splits: tup
                 check_split(req, splits, f"method {spec.label!r} on store {cfg.store!r}")
 
 
+def metadata_split(fs: FeatureStore, split: str = "train") -> FeatureSet:
+    """``split``'s metadata as a FeatureSet, no row read: one zero row per class, labels ``0..C-1``,
+    the store's train class counts and names (what :meth:`Method.check_data` looks at)."""
+    C, D = fs.num_classes, fs.feature_dim
+    return FeatureSet(features=np.zeros((C, D), dtype=np.float32), labels=np.arange(C), class_counts=fs.class_counts,
+                      class_names=fs.class_names, name=f"{split} (metadata)", source=fs.url,
+                      meta={"store_fingerprint": fs.fingerprint, "split_fingerprint": fs.split_fingerprint(split)})
+
+
+def validate_data(cfg: RunConfig, store: StoreInfo) -> None:
+    """Every configured method's checks against the store (class counts, dimension, whether there
+    is a val split: ``+ts`` without one, a neighbour count above the train size), before the first
+    fit of the run, so that a mistake in the last method does not surface after the others were fitted."""
+    fs = open_features(cfg, store)
+    train = metadata_split(fs)
+    val = fs.read("val") if "val" in fs.splits else None
+    for spec in cfg.methods:
+        method, _ = build_method(cfg, spec)
+        method.check_data(train, val)
+
+
 def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool = False) -> MethodResult:
     """Fit one method on the cached train features (reusing a cached fit), store its logits.
 
@@ -107,6 +141,7 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
     artifacts = artifact_store(cfg)
     method, params, key = planned_method(cfg, spec, store.fingerprint)
     if artifacts.exists("method", key) and not force:
+        check_artifact(artifacts, "method", key, spec.label)
         meta = artifacts.read_meta("method", key)
         return MethodResult(spec.label, key, True, meta["fit_seconds"], params)
     code = method_code_version(method)  # of the whole chain, as the key (before a base is frozen)
@@ -134,8 +169,17 @@ def run_method(cfg: RunConfig, spec: MethodSpec, store: StoreInfo, force: bool =
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if spec.target:
         meta["target"] = spec.target
-    artifacts.write("method", key, files, meta)
+    artifacts.write("method", key, files, meta, replace=force)
     return MethodResult(spec.label, key, False, fit_seconds, params)
+
+
+def check_artifact(artifacts, kind: str, key: str, label: str) -> None:
+    """A cached artifact's files against the hashes of its completion marker, before it is trusted;
+    a corrupt one is a one-line error that says how to replace it."""
+    try:
+        artifacts.verify(kind, key)
+    except CorruptArtifactError as e:
+        raise CorruptArtifactError(f"{e}; `longtail stage {label} --force` replaces it") from None
 
 
 def split_logits(method: Method, fs: FeatureStore, split: str, rows: int | None = None) -> np.ndarray:

@@ -12,9 +12,10 @@ from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore import open_store, store_status
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, run_code: bool = True) -> None:
     """Methods (names, targets, parameters), the output directory, the store and the dataset, and
-    the group metrics the evaluation would compute."""
+    the group metrics the evaluation would compute. ``run_code=False`` (``deploy --dry-run``): a
+    ``python`` backbone is located and hashed, not built (see :func:`planned_extract`)."""
     validate_methods(cfg)
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise LongtailError(f"output {cfg.output!r} exists and is not a directory")
@@ -26,8 +27,8 @@ def preflight(cfg: RunConfig) -> None:
         validate_methods(cfg, fs.num_classes, fs.splits)
         use_groups(cfg, fs.has_attributes("test"), f"store {cfg.store!r}")
         return
-    ds, _, key = planned_extract(cfg)
+    ds, _, key = planned_extract(cfg, run_code=run_code)
     validate_methods(cfg, ds.num_classes, tuple(ds.splits))
     use_groups(cfg, ds.splits["test"].attributes is not None, f"dataset {ds.name!r}")
-    if status == "complete":
-        complete_store(cfg, key, ds.fingerprint)
+    if status == "complete" and key is not None:
+        complete_store(cfg, key, ds.fingerprint, verify=False)  # the run verifies it

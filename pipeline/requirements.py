@@ -68,7 +68,7 @@ def run_requirement(cfg: RunConfig, req, store: StoreInfo, force: bool = False,
                     {"kind": req.kind, "params": without_device(dict(req.params)), "meta": meta,
                      "modules": list(req.modules), "code_version": requirement_code_version(req),
                      "store_fingerprint": store.fingerprint, "build_seconds": seconds,
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, replace=force)
     return RequirementResult(req.kind, key, False, seconds)
 
 

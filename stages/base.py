@@ -154,6 +154,16 @@ class Method:
         for m in self._unfrozen():
             m._check_params(num_classes)
 
+    def check_data(self, train: FeatureSet, val: FeatureSet | None = None) -> None:
+        """Every check :meth:`fit` makes before any work (the parameters and the data-dependent
+        ``_validate`` of each method it would fit), without fitting: the pipeline runs it for every
+        configured method before the first fit. ``train`` may carry the split's metadata only (its
+        class counts and dimension): the checks read no rows."""
+        for m in self._unfrozen():
+            ctx = m._context(train, val)
+            m._check_params(ctx.num_classes)
+            m._validate(ctx)
+
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "Method":
         """Fit on ``train`` (``val`` only for choices a method makes on validation data).
 

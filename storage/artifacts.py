@@ -6,7 +6,9 @@ Layout::
         <name> ...                  the caller's files
         meta.json                   the caller's metadata (JSON)
         _COMPLETE                   written LAST: {"kind", "key", "files": {name: {size, blake2b}}}
-    <root>/<kind>/.tmp-<key>-<rand>/    a local write in progress (ignored by readers)
+    <root>/<kind>/.tmp-<key>-<rand>/    a local write in progress (ignored by readers); its
+                                        ``.owner`` file names the writer (host, pid)
+    <root>/<kind>/.old-<key>-<rand>/    a replaced artifact being removed (``replace=True``)
     <root>/<kind>/.lock-<key>           a remote write in progress (see below)
 
 Atomicity. A reader only trusts an artifact whose ``_COMPLETE`` marker (the manifest: every
@@ -24,6 +26,15 @@ its code version; see pipeline/); the store never does. The same key means the s
 directory without ``_COMPLETE`` (a crash on a backend without atomic rename) is not an artifact:
 :meth:`ArtifactStore.exists` is False and the next write replaces it.
 
+Replacing. ``write(..., replace=True)`` (a forced recomputation) writes the new artifact whatever
+is there: locally the old directory is renamed aside and the new one renamed into place (a reader
+sees the old artifact, then for an instant none, then the new one, never a mixture), then the old
+one is removed; remotely, under the key's lock, the old marker is deleted first.
+
+Leftovers. A crashed local writer leaves its ``.tmp-``/``.old-`` directory behind; the next writer
+of the same kind removes those whose owner is a process of this host that no longer runs (and
+those without an owner file older than :data:`ORPHAN_AGE` seconds); a live writer's are kept.
+
 Tensors go through safetensors (:func:`save_tensors` / :func:`load_tensors`), never pickle.
 """
 
@@ -31,8 +42,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -41,13 +55,23 @@ import numpy as np
 
 from longtail.stages.errors import LongtailError
 from longtail.storage.fs import check_access, is_local, join
-from longtail.storage.locks import DEFAULT_TIMEOUT, WriterLock
+from longtail.storage.locks import DEFAULT_TIMEOUT, WriterLock, pid_alive
+
+log = logging.getLogger("longtail.storage")
 
 MARKER = "_COMPLETE"
 META = "meta.json"
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _KEY = re.compile(r"^[0-9a-f]{8,128}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+OWNER = ".owner"
+#: seconds after which a temporary directory without an owner file counts as abandoned
+ORPHAN_AGE = 3600.0
+
+
+class CorruptArtifactError(LongtailError):
+    """A complete artifact whose files do not match its ``_COMPLETE`` marker (a file edited,
+    truncated or missing), or whose marker is unreadable; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------- JSON
@@ -168,9 +192,16 @@ class ArtifactStore:
             if self.fs.exists(d):
                 raise LongtailError(f"{where}: artifact is incomplete (no {MARKER} marker); rerun the stage") from None
             raise LongtailError(f"{where}: no such artifact") from None
-        manifest = load_json(raw, join(where, MARKER))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise LongtailError(f"{join(where, MARKER)}: corrupt artifact marker (no file list)")
+        try:
+            manifest = load_json(raw, join(where, MARKER))
+        except LongtailError as e:
+            raise CorruptArtifactError(f"{e} (corrupt artifact marker)") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("blake2b"), str)
+                for v in files.values()):
+            raise CorruptArtifactError(f"{join(where, MARKER)}: corrupt artifact marker (no file list with sizes "
+                                       "and hashes)")
         return manifest
 
     def files(self, kind: str, key: str) -> list[str]:
@@ -182,8 +213,10 @@ class ArtifactStore:
         return load_json(self.read_file(kind, key, META), join(self.url(kind, key), META))
 
     def read_file(self, kind: str, key: str, name: str) -> bytes:
-        """Bytes of file ``name`` of a complete artifact; LongtailError when the artifact is
-        missing or incomplete, the name is unknown, or the file's size differs from the marker's."""
+        """Bytes of file ``name`` of a complete artifact, checked against the size and blake2b
+        its ``_COMPLETE`` marker holds. LongtailError when the artifact is missing or incomplete or
+        the name is unknown; :class:`CorruptArtifactError` when the file is missing or its size
+        or content differs from the marker's."""
         return self._read_listed(kind, key, name, self._manifest(kind, key))
 
     def _read_listed(self, kind: str, key: str, name: str, manifest: dict) -> bytes:
@@ -195,20 +228,24 @@ class ArtifactStore:
         try:
             data = self.fs.cat_file(join(self._dir(kind, key), name))
         except FileNotFoundError as e:
-            raise LongtailError(f"{where}: file listed in {MARKER} is missing (corrupt artifact)") from e
-        if len(data) != manifest["files"][name]["size"]:
-            raise LongtailError(f"{where}: {len(data)} bytes, {manifest['files'][name]['size']} expected (corrupt artifact)")
+            raise CorruptArtifactError(f"{where}: file listed in {MARKER} is missing (corrupt artifact)") from e
+        info = manifest["files"][name]
+        if len(data) != info["size"]:
+            raise CorruptArtifactError(f"{where}: {len(data)} bytes, {info['size']} expected (corrupt artifact)")
+        if hashlib.blake2b(data, digest_size=32).hexdigest() != info["blake2b"]:
+            raise CorruptArtifactError(f"{where}: content does not match its hash in {MARKER} (corrupt artifact)")
         return data
 
     def verify(self, kind: str, key: str) -> None:
-        """Checks every file's blake2b against the marker; LongtailError naming the first bad one."""
+        """Checks every file's size and blake2b against the marker (what every read checks);
+        :class:`CorruptArtifactError` naming the first bad file."""
         manifest = self._manifest(kind, key)
-        for name, info in manifest["files"].items():
-            if hashlib.blake2b(self._read_listed(kind, key, name, manifest), digest_size=32).hexdigest() != info["blake2b"]:
-                raise LongtailError(f"{join(self.url(kind, key), name)}: content does not match its hash (corrupt artifact)")
+        for name in sorted(manifest["files"]):
+            self._read_listed(kind, key, name, manifest)
 
     # ------------------------------------------------------------------ writing
-    def write(self, kind: str, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any] | None = None) -> str:
+    def write(self, kind: str, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any] | None = None,
+              replace: bool = False) -> str:
         """Writes artifact ``<kind>/<key>`` once; returns its URL.
 
         Locally everything goes to a temporary sibling ``.tmp-<key>-<rand>`` first, the
@@ -217,7 +254,8 @@ class ArtifactStore:
         If the artifact already exists and is complete, nothing is written (same key, same
         bytes). A partial directory (no marker) at the final place is replaced. ``files`` maps
         plain names (no ``/``; not ``meta.json`` or ``_COMPLETE``) to bytes; ``meta`` must be
-        JSON-serialisable.
+        JSON-serialisable. ``replace``: write even when the artifact is complete, and replace it
+        (a forced recomputation; see the module docstring).
         """
         final = self._dir(kind, key)
         for name, data in files.items():
@@ -225,7 +263,7 @@ class ArtifactStore:
                 raise LongtailError(f"{self.url(kind, key)}: bad artifact file name {name!r}")
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(f"artifact file {name!r}: expected bytes, got {type(data).__name__}")
-        if self.exists(kind, key):
+        if self.exists(kind, key) and not replace:
             return self.url(kind, key)
 
         payload = {name: bytes(data) for name, data in files.items()}
@@ -239,20 +277,66 @@ class ArtifactStore:
             },
         }
         if is_local(self.fs):
-            self._write_local(kind, key, final, payload, manifest)
+            self._write_local(kind, key, final, payload, manifest, replace)
         else:
-            self._write_remote(kind, key, final, payload, manifest)
+            self._write_remote(kind, key, final, payload, manifest, replace)
         if not self.exists(kind, key):  # pragma: no cover - a backend that lost the write
             raise RuntimeError(f"{self.url(kind, key)}: artifact not complete after writing")
         return self.url(kind, key)
 
-    def _write_local(self, kind: str, key: str, final: str, payload: dict, manifest: dict) -> None:
-        tmp = join(self.root, kind, f".tmp-{key}-{uuid.uuid4().hex[:12]}")
+    def sweep(self, kind: str) -> list[str]:
+        """Removes the ``.tmp-``/``.old-`` directories of ``kind`` that crashed local writers left
+        (owner a dead process of this host; or no owner file and older than :data:`ORPHAN_AGE`);
+        returns their names. A no-op on remote stores (their writers write in place, under a lock)."""
+        base = join(self.root, kind)
+        if not is_local(self.fs) or not os.path.isdir(base):
+            return []
+        removed = []
+        host, now = socket.gethostname(), time.time()
+        for name in os.listdir(base):
+            if not (name.startswith(".tmp-") or name.startswith(".old-")):
+                continue
+            path = os.path.join(base, name)
+            try:
+                with open(os.path.join(path, OWNER), encoding="utf-8") as f:
+                    owner = json.load(f)
+                dead = (isinstance(owner, dict) and owner.get("host") == host and isinstance(owner.get("pid"), int)
+                        and owner["pid"] != os.getpid() and not pid_alive(owner["pid"]))
+            except (OSError, ValueError):
+                try:
+                    dead = now - os.stat(path).st_mtime > ORPHAN_AGE
+                except OSError:
+                    continue
+            if dead:
+                self.fs.rm(path, recursive=True)
+                removed.append(name)
+        if removed:
+            log.warning("%s: removed %d temporary director%s left by crashed writers: %s", join(self.root_url, kind),
+                        len(removed), "y" if len(removed) == 1 else "ies", ", ".join(removed))
+        return removed
+
+    def _write_local(self, kind: str, key: str, final: str, payload: dict, manifest: dict, replace: bool) -> None:
+        self.sweep(kind)
+        tag = uuid.uuid4().hex[:12]
+        tmp = join(self.root, kind, f".tmp-{key}-{tag}")
         self.fs.makedirs(tmp, exist_ok=True)
+        owner = dump_json({"host": socket.gethostname(), "pid": os.getpid()})
         try:
+            self.fs.pipe_file(join(tmp, OWNER), owner)
             for name, data in payload.items():
                 self.fs.pipe_file(join(tmp, name), data)
             self.fs.pipe_file(join(tmp, MARKER), dump_json(manifest))
+            os.unlink(join(tmp, OWNER))  # an artifact holds the caller's files and its marker only
+            if replace and os.path.isdir(final):
+                old = join(self.root, kind, f".old-{key}-{tag}")
+                os.replace(final, old)  # aside first: rename(2) cannot replace a non-empty directory
+                with open(join(old, OWNER), "wb") as f:
+                    f.write(owner)
+                try:
+                    os.replace(tmp, final)
+                finally:
+                    self.fs.rm(old, recursive=True)
+                return
             if os.path.isdir(final) and not os.path.exists(join(final, MARKER)):
                 # a partial artifact (hand-made, or an older non-atomic writer): replace it
                 self.fs.rm(final, recursive=True)
@@ -267,13 +351,15 @@ class ArtifactStore:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp, recursive=True)
 
-    def _write_remote(self, kind: str, key: str, final: str, payload: dict, manifest: dict) -> None:
+    def _write_remote(self, kind: str, key: str, final: str, payload: dict, manifest: dict, replace: bool) -> None:
         lock = WriterLock(self.fs, join(self.root, kind, f".lock-{key}"), join(self.root_url, kind, f".lock-{key}"),
                           f"artifact {self.url(kind, key)}", self.lock_timeout)
         with lock:
             self.fs.invalidate_cache(final)  # listings cached before the wait are stale now
-            if self.exists(kind, key):  # the writer we waited for completed it
+            if self.exists(kind, key) and not replace:  # the writer we waited for completed it
                 return
+            if replace and self.exists(kind, key):  # the marker first: never a complete mixture
+                self.fs.rm_file(join(final, MARKER))
             if self.fs.exists(final):  # a partial artifact from a crashed writer: replace it
                 self.fs.rm(final, recursive=True)
             try:
@@ -286,4 +372,4 @@ class ArtifactStore:
                 raise
 
 
-__all__ = ["ArtifactStore", "dump_json", "load_json", "load_tensors", "save_tensors", "MARKER", "META"]
+__all__ = ["ArtifactStore", "CorruptArtifactError", "dump_json", "load_json", "load_tensors", "save_tensors", "MARKER", "META"]

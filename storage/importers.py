@@ -69,7 +69,9 @@ class _FeatureFile:
             if ext == ".npz":
                 self._npz = np.load(source, allow_pickle=False)
                 if not isinstance(self._npz, np.lib.npyio.NpzFile):
-                    raise ValueError("not an .npz archive")
+                    self._npz = None
+                    raise ValueError("not an .npz archive: a single array (.npy) named .npz; save the arrays "
+                                     "with np.savez(path, features=..., labels=...)")
                 found = list(self._npz.files)
             else:
                 import h5py
@@ -179,7 +181,7 @@ class _FeatureFile:
 
     def close(self) -> None:
         for handle in (self._h5, self._npz, self._handle):
-            if handle is not None:
+            if handle is not None and hasattr(handle, "close"):  # np.load of an .npy gives an array
                 handle.close()
         self._h5 = self._npz = self._handle = None
 
@@ -299,7 +301,10 @@ def import_features(
                 hashes[split] = file_hash(p)
             except OSError as e:
                 raise LongtailError(f"{p}: cannot read feature file ({_one_line(e)})") from e
-        backbone = {"kind": "imported", "files": [os.path.basename(p) for p in paths.values()]}
+        # a file name that is not UTF-8 (bytes kept as surrogates) is recorded with escapes: the
+        # store's metadata and every report built on it are UTF-8
+        backbone = {"kind": "imported", "files": [os.fsencode(os.path.basename(p)).decode("utf-8", "backslashreplace")
+                                                  for p in paths.values()]}
         backbone_hash = json_hash({"imported": hashes})
         dataset_fp = json_hash({"imported": hashes, "class_names": names_given})
         return backbone, backbone_hash, dataset_fp
@@ -332,6 +337,14 @@ def import_features(
             num_classes = len(names_given)
         else:
             num_classes = max(int(f.labels.max()) for f in labelled) + 1
+            train_labels = files["train"].labels
+            if num_classes > train_labels.size:  # some class is surely empty: refuse before C counters are allocated
+                worst = max(labelled, key=lambda f: int(f.labels.max()))
+                distinct = np.unique(train_labels).size
+                raise LongtailError(
+                    f"{worst.path}: label {int(worst.labels.max())} implies {num_classes} classes, but the train split "
+                    f"has {distinct} distinct labels in {train_labels.size} rows: labels must be class indices "
+                    "0..C-1 (is this an id column?)")
         for f in labelled:
             lo, hi = int(f.labels.min()), int(f.labels.max())
             if lo < 0 or hi >= num_classes:

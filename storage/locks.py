@@ -46,7 +46,8 @@ DEFAULT_TIMEOUT = 600.0
 _HELD: "weakref.WeakValueDictionary[str, WriterLock]" = weakref.WeakValueDictionary()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,7 +154,7 @@ class WriterLock:
             if str(holder.get("token")) not in _HELD:
                 return "an earlier writer in this process left it behind"
             return "an earlier writer in this process that was not closed" if self.supersede_own else None
-        return None if _pid_alive(pid) else "that process is gone"
+        return None if pid_alive(pid) else "that process is gone"
 
     def _take_over(self, holder: dict, why: str) -> None:
         """Removes a stale lock if it is still the one we judged (another waiter may have
@@ -219,4 +220,4 @@ class WriterLock:
         self.release()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "WriterLock", "create_exclusive"]
+__all__ = ["DEFAULT_TIMEOUT", "WriterLock", "create_exclusive", "pid_alive"]

@@ -66,14 +66,15 @@ def meta_sections(metrics: dict) -> list[dict]:
         what, size, verdict = movement(diag)
         coeffs = diag.get("lambda_mean") or {}
         learned = ", ".join(f"{t} {_g(_last(v))}" for t, v in coeffs.items()) or "n/a"
+        start = diag.get("meta_start_epoch")
         rows.append([name, f"{diag.get('meta_rows', 'n/a')} ({diag.get('meta_source', 'n/a')})",
-                     str(diag.get("meta_start_epoch", "n/a")), _g(_first(diag.get("meta_loss"))),
+                     "n/a" if start is None else str(int(start) + 1), _g(_first(diag.get("meta_loss"))),
                      _g(_last(diag.get("meta_loss"))), f"{what}: {_g(size)}", _g(_last(diag.get("delta_mean_abs"))),
                      learned, verdict])
     out = [{
         "title": "Meta-learned re-weighting",
-        "text": "Per meta-learned method: the meta set (rows, split), the first meta-stage epoch, the plain CE "
-                "(or the method's loss) of the meta batches at the look-ahead, first and last meta epoch; what the "
+        "text": "Per meta-learned method: the meta set (rows, split), the first meta-stage epoch (from 1), the "
+                "plain CE (or the method's loss) of the meta batches at the look-ahead, first and last meta epoch; what the "
                 "meta step moved (meta-cb: mean conditional weight |eps| over mean class weight; metalad: "
                 "largest change of a coefficient), the mean size of the logit adjustment (metalad: mean over "
                 "non-target classes of |delta|) and the learned mean coefficient per term at the end. "

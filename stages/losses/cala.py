@@ -5,26 +5,39 @@ Heuristic-CALA trains with the class-attribute-aware logit-adjusted loss (eq. 5)
     l_CALA(x, y) = -log softmax(f(x) + tau1 u + tau2 v(x, .))[y],
     u(c) = log p_tr(c),    v(x, c) = log(p~_pr(c | N_K(x)) / p~_mx(c | N_K(x)))    (eq. 8)
 
-where ``N_K(x)`` are the K nearest train samples of ``x`` (cosine, self excluded), ``p_mx`` the label
-distribution of the neighbourhood under the MixUp-augmented labels, ``p_pr`` the mean softmax
-prediction of the neighbours and ``~`` the smoothing with class averages of appendix B.II (eq. A.11).
-The adjustment is added to the logits in training only; test-time logits are plain ``f(x)``.
+where ``N_K(x) = {x} + the K nearest other train samples`` (cosine), ``M = K + 1`` members: the
+paper's convention ``N_0(x) = {x}`` (section "Heuristic-CALA Framework", special cases), so a sample
+always counts itself and one without a same-class neighbour still gets its true-class term.
+``p_mx`` is the label distribution of the neighbourhood under the MixUp-augmented labels (plain labels
+without MixUp), ``p_pr`` the mean softmax prediction of the members and ``~`` the smoothing with class
+averages of appendix B.II (eq. A.11). The adjustment is added to the logits in training only;
+test-time logits are plain ``f(x)``.
 
-Shapes: ``N`` train rows, ``C`` classes, ``K`` neighbours, ``R`` rows of a chunk. Index tensors
-are int64, statistics float32 on the device of the inputs (``(N, C)`` tables would not fit in
-float64 at ImageNet scale); class-level priors are float64.
+The functions here take the neighbourhood as given, ``(R, M)`` member rows; :func:`with_self` turns
+the rows of a :class:`~longtail.stages.neighbours.NeighbourTable` (the K nearest *other* samples) into
+``N_K(x)``.
+
+Shapes: ``N`` train rows, ``C`` classes, ``M`` members, ``R`` rows of a chunk. Index tensors are
+int64, statistics float32 on the device of the inputs (``(N, C)`` tables would not fit in float64 at
+ImageNet scale); class-level priors are float64.
 
 Two completions of the paper's text, stated where they are used:
 
-* A class with no MixUp label mass in the neighbourhood (``p~_mx(c) = 0``, the usual case for most
-  of ``C`` classes when ``K << C``) has no CCPD-ratio estimate: ``v(x, c) = 0`` there (the ratio
-  ``p_pr / p_mx`` is infinite as printed). This is what the paper's special cases assume: with
-  ``K = 0`` it says "only the adjustment term for class y_x" carries the ratio (section
-  "Heuristic-CALA Framework").
+* A class without MixUp label mass in the neighbourhood (``p~_mx(c) = 0``) has the ratio
+  ``p_pr / p_mx`` infinite as printed. ``M`` members cannot resolve a probability below one member's
+  share ``1 / M``: such a class is given ``p_mx = 1 / M`` and ``p_pr`` floored at ``1 / M`` too, so
+  ``v(x, c) = max(0, log(M p~_pr(c)))``: 0 for a class that is neither present nor predicted (the
+  usual case for most of ``C`` classes when ``K << C``, which keeps ``v`` sparse), and a positive
+  term (a margin against ``c``, which the training makes the model lower around ``x``) for a class the
+  model predicts in a neighbourhood where it has no label: the dark doves that the model calls crows
+  when no crow is among their neighbours. With ``K = 0`` (``M = 1``) this is the paper's ALA form:
+  every class but ``y_x`` gets ``v = 0`` (``q <= 1``).
 * ``p_pr`` is floored at :data:`PROB_FLOOR` before its log (a float32 softmax can underflow to 0).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +50,21 @@ __all__ = [
     "neighbourhood_label_distribution",
     "neighbourhood_prediction",
     "smooth_with_class_averages",
+    "with_self",
 ]
 
 #: floor of ``p_pr`` before ``log`` (guards a softmax entry that underflowed to 0 in float32)
 PROB_FLOOR = 1e-12
 #: the adjustment is computed for this many (row, support class, neighbour) entries at a time
 CHUNK_ENTRIES = 1 << 21
+
+
+def with_self(neighbours: torch.Tensor) -> torch.Tensor:
+    """``N_K(x)`` ``(N, K + 1)`` from the K nearest *other* rows ``(N, K)`` of every row (a neighbour
+    table): each row's own index first (``N_0(x) = {x}``, paper 000, section "Heuristic-CALA
+    Framework"), then its neighbours."""
+    own = torch.arange(neighbours.shape[0], device=neighbours.device, dtype=neighbours.dtype)
+    return torch.cat([own[:, None], neighbours], 1)
 
 
 def cala_loss(logits: torch.Tensor, labels: torch.Tensor, adjustment: torch.Tensor, *,
@@ -148,20 +170,21 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
                     chunk_entries: int = CHUNK_ENTRIES) -> torch.Tensor:
     """The logit adjustment ``tau1 u(c) + tau2 v(x, c)`` of every train row, ``(N, C)`` float32.
 
-    ``u = log p_tr`` (eq. 5), ``v = log(p~_pr / p~_mx)`` (eq. 8, smoothed by eq. A.11), and
-    ``v(x, c) = 0`` for a class without MixUp label mass in ``N_K(x)`` (module docstring).
+    ``u = log p_tr`` (eq. 5), ``v = log(p~_pr / p~_mx)`` (eq. 8, smoothed by eq. A.11) on the classes
+    with MixUp label mass in the neighbourhood, ``v = max(0, log(M p~_pr))`` on the others (module
+    docstring: one member's share ``1 / M`` is the resolution of an ``M``-member estimate).
 
-    ``v`` is nonzero only on the classes of the neighbourhood's MixUp labels (the neighbours' labels
-    and their partners' labels, at most ``S = 2K`` of the ``C``), so it is evaluated on that support
-    (all ``C`` classes when ``C <= 2K``):
-    ``p_pr`` by a fused gather-and-mean of the neighbours' predictions read at the ``S`` columns, the
-    label masses, counts and class averages by ``(R, S, K)`` indicator products, instead of the
-    ``(R, C)`` tables of the definitions (``2K << C`` at ImageNet scale). The values equal
+    The neighbourhood's label classes (the members' labels and their partners' labels, at most
+    ``S = 2M`` of the ``C``) are the support where eq. 8 is evaluated (all ``C`` classes when
+    ``C <= 2M``): ``p_pr`` by a fused gather-and-mean of the members' predictions ``(R, C)``, the label
+    masses, counts and class averages by ``(R, S, M)`` indicator products, instead of the ``(R, C)``
+    tables of the definitions (``2M << C`` at ImageNet scale). The values equal
     :func:`neighbourhood_label_distribution` and :func:`smooth_with_class_averages` read at the
     support (a class listed twice gets the same value twice).
 
     Args:
-        neighbours: ``(N, K)`` neighbour table rows, or ``None`` for ``K = 0``: ``N_0(x) = {x}``
+        neighbours: ``(N, M)`` member rows of every row's neighbourhood ``N_K(x)`` (self included:
+            :func:`with_self` of a neighbour table), or ``None`` for ``K = 0``: ``N_0(x) = {x}``
             with its plain label (``p_mx(y_x | x) = 1``) and its own prediction. Then
             ``v(x, y_x) = log q_{x, y_x}`` and ``v(x, c) = 0`` otherwise: the true class is adjusted
             by ``tau1 log p_tr(y_x) + tau2 log p_pr(y_x | x)``, the paper's ALA form (section
@@ -169,7 +192,7 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
         labels: ``(N,)`` train labels; ``probs``: ``(N, C)`` softmax predictions ``q`` of the rows.
         log_prior: ``(C,)`` ``log p_tr``.
         partner_labels, lam: ``(N,)`` MixUp partners and weights (:func:`neighbourhood_label_distribution`).
-        chunk_entries: bounds the ``(rows, support, K)`` temporaries of a chunk.
+        chunk_entries: bounds the ``(rows, support, M)`` temporaries of a chunk.
     """
     n, c = probs.shape
     u = (float(tau1) * log_prior.to(torch.float64)).to(torch.float32)
@@ -184,7 +207,7 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
     mixed = lam is not None and partner_labels is not None
     if smoothing > 0:
         # s(x') = p(y_x' | N_K(x')) of every row first (the class averages of eq. A.11 read them at
-        # the neighbours): only the own-class column, so (N, K) gathers
+        # the members): only the own-class column, so (N, M) gathers
         own = labels[:, None]
         s_pr = probs[neighbours, own.expand_as(neighbours)].float().mean(1)
         if mixed:
@@ -192,18 +215,22 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
             s_mx = (w * (labels[neighbours] == own) + (1.0 - w) * (partner_labels[neighbours] == own)).mean(1)
         else:
             s_mx = (labels[neighbours] == own).float().mean(1)
-    step = max(1, int(chunk_entries) // (min(c, (2 if mixed else 1) * k) * k))
+    step = max(1, int(chunk_entries) // (max(c, min(c, (2 if mixed else 1) * k) * k)))
+    log_m = math.log(k)  # log M: one member's share 1 / M is the resolution of the estimate
     for start in range(0, n, step):
-        nb = neighbours[start:start + step]  # (R, K)
+        nb = neighbours[start:start + step]  # (R, M)
         y_nb = labels[nb]
         if c <= (2 if mixed else 1) * k:  # few classes: every class is the support (S = C)
             support = torch.arange(c, device=nb.device).expand(nb.shape[0], c)
         else:
             support = torch.cat([y_nb, partner_labels[nb]], 1) if mixed else y_nb  # (R, S) classes
-        # p_pr at the support: a fused gather-and-mean of the neighbours' rows, then the S columns
-        p_pr = neighbourhood_prediction(nb, probs).float().gather(1, support)
-        # per-class sums over the neighbours as one batched product with the (R, S, K) indicator
-        # "neighbour k has label support[s]": its MixUp weight, s_pr, s_mx and 1 (a count)
+        p_all = neighbourhood_prediction(nb, probs).float()  # (R, C) p_pr of every class
+        # classes without label mass: v = max(0, log(M p_pr)) (module docstring); eq. 8 overwrites the support
+        v_absent = (torch.log(p_all.clamp_min(PROB_FLOOR)) + log_m).clamp_min(0.0)
+        out[start:start + step] += float(tau2) * v_absent
+        p_pr = p_all.gather(1, support)
+        # per-class sums over the members as one batched product with the (R, S, M) indicator
+        # "member m has label support[s]": its MixUp weight, s_pr, s_mx and 1 (a count)
         is_own = (support[:, :, None] == y_nb[:, None, :]).float()
         w = lam[nb].float() if mixed else torch.ones(nb.shape, device=nb.device)
         cols = [w] + ([s_pr[nb], s_mx[nb], torch.ones_like(w)] if smoothing > 0 else [])
@@ -213,14 +240,14 @@ def cala_adjustment(neighbours: torch.Tensor | None, labels: torch.Tensor, probs
             is_partner = (support[:, :, None] == partner_labels[nb][:, None, :]).float()
             p_mx = p_mx + torch.bmm(is_partner, (1.0 - w)[:, :, None]).squeeze(2)
         p_mx = p_mx / k
-        if smoothing > 0:  # eq. A.11: class averages of s over the class-c neighbours, where there are some
+        if smoothing > 0:  # eq. A.11: class averages of s over the class-c members, where there are some
             count = agg[:, :, 3]
             present = count > 0
-            denom = count.clamp_min(1.0)  # clamp guards the classes without a neighbour (masked below)
+            denom = count.clamp_min(1.0)  # clamp guards the classes without a member (masked below)
             p_pr = torch.where(present, smoothing * agg[:, :, 1] / denom + (1.0 - smoothing) * p_pr, p_pr)
             p_mx = torch.where(present, smoothing * agg[:, :, 2] / denom + (1.0 - smoothing) * p_mx, p_mx)
-        # a support class can have no mass (a partner of weight 0): v = 0 there, its log is masked out
-        v = torch.where(p_mx > 0, torch.log(p_pr.clamp_min(PROB_FLOOR)) - torch.log(p_mx.clamp_min(PROB_FLOOR)),
-                        torch.zeros_like(p_pr))
+        # a support class can have no mass (a partner of weight 0): the absent-class rule there
+        log_pr = torch.log(p_pr.clamp_min(PROB_FLOOR))
+        v = torch.where(p_mx > 0, log_pr - torch.log(p_mx.clamp_min(PROB_FLOOR)), (log_pr + log_m).clamp_min(0.0))
         out[start:start + step].scatter_(1, support, u[support] + float(tau2) * v)
     return out

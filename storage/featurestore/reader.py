@@ -13,7 +13,11 @@ from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore.hashing import SplitHash
 from longtail.storage.featurestore.schema import SCHEMA_VERSION, CorruptStoreError, StorePlan
 from longtail.storage.featurestore.status import root_attrs
-from longtail.storage.fs import zarr_store
+from longtail.storage.fs import join, resolve, zarr_store
+
+#: bytes of a Blosc (v1) chunk header: version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+_BLOSC_HEADER = 16
+REBUILD = "rebuild the store (or import it again)"
 
 def open_store(url: str, *, storage_options: dict | None = None) -> "FeatureStore":
     """Opens a complete feature store for reading.
@@ -68,6 +72,7 @@ class FeatureStore:
             raise CorruptStoreError(f"{url}: corrupt feature store ({type(e).__name__}: {e})") from e
         self._groups: dict[str, Any] = {}
         self._arrays: dict[str, dict[str, Any]] = {}  # split -> its arrays, opened once
+        self._fs_path: tuple[Any, str] | None = None  # (fsspec filesystem, path) for raw chunk checks
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{self.url}: corrupt feature store: {what}")
@@ -174,11 +179,76 @@ class FeatureStore:
         self._arrays[split] = arrays  # opening an array reads its metadata: once, not per chunk
         return g
 
+    # ------------------------------------------------------------------ chunks
+    def _chunk_keys(self, split: str, key: str, start: int | None, stop: int | None) -> list[tuple[str, int]]:
+        """``(chunk key, rows in it)`` of the stored chunks of ``key`` that rows ``start:stop`` touch."""
+        arr = self._arrays[split][key]
+        n, rows = int(arr.shape[0]), int(arr.chunks[0])
+        lo, hi = (start or 0), (n if stop is None else min(stop, n))
+        if hi <= lo:
+            return []
+        tail = (0,) * (len(arr.shape) - 1)
+        return [(arr.metadata.encode_chunk_key((i,) + tail), rows) for i in range(lo // rows, (hi - 1) // rows + 1)]
+
+    def _chunk_path(self, split: str, key: str, chunk: str) -> str:
+        if self._fs_path is None:
+            self._fs_path = resolve(self.url, self._storage_options)
+        return join(self._fs_path[1], split, key, chunk)
+
+    def _checksummed(self, split: str, key: str) -> bool:
+        codecs = self._arrays[split][key].compressors
+        return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
+
+    def _check_blosc_headers(self, split: str, key: str, start: int | None, stop: int | None) -> None:
+        """For an array without per-chunk checksums (a store written before they existed) whose
+        chunks are Blosc-compressed: each chunk's size must be the compressed size its header
+        states, and its uncompressed size that of a chunk, before the decompressor sees it (a
+        truncated chunk would make it read past the end of its buffer)."""
+        arr = self._arrays[split][key]
+        if not any(type(c).__name__ == "BloscCodec" for c in arr.compressors):
+            return
+        expected = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        for chunk, _ in self._chunk_keys(split, key, start, stop):
+            path = self._chunk_path(split, key, chunk)
+            fs = self._fs_path[0]
+            try:
+                size = int(fs.size(path))
+            except FileNotFoundError:
+                continue  # a lost chunk reads as the fill value, which the checks below refuse
+            head = fs.cat_file(path, start=0, end=_BLOSC_HEADER) if size >= _BLOSC_HEADER else b""
+            where = f"{split}/{key}/{chunk}"
+            if len(head) < _BLOSC_HEADER:
+                raise self._corrupt(f"chunk {where} is truncated ({size} bytes, no Blosc header); {REBUILD}")
+            nbytes, cbytes = (int.from_bytes(head[o:o + 4], "little") for o in (4, 12))
+            if cbytes != size:
+                raise self._corrupt(f"chunk {where} is truncated or padded ({size} bytes, its header says "
+                                    f"{cbytes}); {REBUILD}")
+            if nbytes != expected:
+                raise self._corrupt(f"chunk {where} decompresses to {nbytes} bytes, a chunk holds {expected}; {REBUILD}")
+
+    def _bad_chunk(self, split: str, key: str, start: int | None, stop: int | None) -> str | None:
+        """The first chunk of rows ``start:stop`` that does not decode, as ``split/key/chunk: why``."""
+        arr = self._arrays[split][key]
+        first = (start or 0) // int(arr.chunks[0])
+        for i, (chunk, rows) in enumerate(self._chunk_keys(split, key, start, stop)):
+            lo = (first + i) * rows
+            try:
+                np.asarray(arr[lo:lo + rows])
+            except Exception as e:
+                why = "fails its checksum" if "checksum" in str(e).lower() else f"does not decode ({type(e).__name__})"
+                return f"{split}/{key}/{chunk} {why}"
+        return None
+
     def _read(self, split: str, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         self._group(split)
+        if not self._checksummed(split, key):
+            self._check_blosc_headers(split, key, start, stop)
         try:
             out = np.asarray(self._arrays[split][key][start:stop])
         except Exception as e:  # lost/garbled chunk bytes: codecs raise many types
+            bad = self._bad_chunk(split, key, start, stop)
+            if bad is not None:
+                raise self._corrupt(f"chunk {bad}; {REBUILD}") from e
             raise self._corrupt(f"split {split!r}: cannot read {key!r} ({type(e).__name__}: {e})") from e
         if key in ("attributes", "index") and out.size and out.min() < 0:
             raise self._corrupt(f"split {split!r}: {key!r} has negative entries (a lost chunk reads -1)")
@@ -237,22 +307,37 @@ class FeatureStore:
 
     def verify(self, split: str | None = None) -> None:
         """Recomputes the fingerprint of ``split`` (default: every split, and the store's) from
-        the stored bytes; raises LongtailError naming the split on a mismatch."""
+        the stored bytes, in one streaming pass, chunk by chunk (each chunk's checksum, or for an
+        older store its Blosc header, is checked as it is read), and checks the train labels
+        against the recorded class counts; raises :class:`CorruptStoreError` naming the split,
+        the array or the chunk on a mismatch. Computes nothing else and writes nothing."""
         names = [split] if split is not None else list(self.splits)
         fps = {}
         for name in names:
             h = SplitHash(self.has_attributes(name), self.has_labels(name))
+            counts = np.zeros(self.num_classes, dtype=np.int64)
             for feats, labels, attrs in self.iter_chunks(name):
+                if labels is not None:
+                    counts += np.bincount(labels, minlength=self.num_classes)
                 h.update(
                     np.ascontiguousarray(feats, dtype="<f4"),
                     None if labels is None else np.ascontiguousarray(labels, dtype="<i8"),
                     None if attrs is None else np.ascontiguousarray(attrs, dtype="<i8"),
                 )
+            if name == "train":
+                diff = np.flatnonzero(counts != self.class_counts)
+                if diff.size:
+                    c = int(diff[0])
+                    raise self._corrupt(
+                        f"{join(self.url, name, 'labels')}: the train labels do not match the recorded class counts "
+                        f"(class {self.class_names[c]!r}: {int(self.class_counts[c])} recorded, {int(counts[c])} "
+                        f"stored); {REBUILD}")
             fps[name] = h.hexdigest(name, self.num_rows(name), self.feature_dim)
             if fps[name] != self.split_fingerprint(name):
-                raise self._corrupt(f"split {name!r}: content does not match its fingerprint")
+                raise self._corrupt(f"split {name!r}: content does not match its fingerprint (its files under "
+                                    f"{join(self.url, name)} were edited or damaged); {REBUILD}")
         if split is None and self.plan.fingerprint(fps) != self.fingerprint:
-            raise self._corrupt("the store fingerprint does not match its splits")
+            raise self._corrupt(f"the store fingerprint does not match its splits; {REBUILD}")
 
 
 __all__ = ["FeatureStore", "open_store"]

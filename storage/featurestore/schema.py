@@ -45,6 +45,20 @@ RESERVED_ATTRS = frozenset(PLAN_KEYS) | {"schema_version", "complete", "fingerpr
 #: target uncompressed size of one chunk of ``features`` (and of the 1-D arrays)
 TARGET_CHUNK_BYTES = 8 << 20
 FEATURE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+#: whether new arrays end their codec chain with a CRC-32C checksum of each stored chunk, so that a
+#: corrupt or truncated chunk is refused (and named) before it is decompressed. Stores written
+#: before it existed have no checksum; the reader checks their Blosc chunk headers instead.
+CHUNK_CHECKSUM = True
+
+
+def array_compressors(kind: str) -> list:
+    """The bytes-to-bytes codecs of a new array: ``"features"`` (Blosc LZ4, byte shuffle) or
+    ``"vector"`` (the 1-D int64 arrays: Zstandard), each followed by a CRC-32C checksum (decoded
+    first: a chunk whose checksum fails never reaches the decompressor)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    codecs = [BloscCodec(**FEATURE_CODEC)] if kind == "features" else [ZstdCodec(level=0)]
+    return codecs + ([Crc32cCodec()] if CHUNK_CHECKSUM else [])
 
 
 class CorruptStoreError(LongtailError):
@@ -238,7 +252,9 @@ class StorePlan:
 
 
 __all__ = [
+    "CHUNK_CHECKSUM",
     "PLAN_DEFAULTS",
+    "array_compressors",
     "PLAN_KEYS",
     "RESERVED_ATTRS",
     "SCHEMA_VERSION",

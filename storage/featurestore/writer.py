@@ -10,8 +10,8 @@ import numpy as np
 from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore.hashing import SplitHash
 from longtail.storage.featurestore.reader import FeatureStore
+from longtail.storage.featurestore import schema
 from longtail.storage.featurestore.schema import (
-    FEATURE_CODEC,
     RESERVED_ATTRS,
     SCHEMA_VERSION,
     StorePlan,
@@ -249,8 +249,6 @@ class FeatureStoreWriter:
 
     def begin_split(self, name: str) -> None:
         """Starts (or restarts, dropping any half-written rows of) split ``name``."""
-        from zarr.codecs import BloscCodec
-
         self._check_open()
         if name not in self._plan.splits:
             raise RuntimeError(f"{self.url}: split {name!r} is not in the plan {list(self._plan.splits)}")
@@ -273,10 +271,11 @@ class FeatureStoreWriter:
             chunks=(chunk, dim),
             dtype="float32",
             fill_value=np.nan,
-            compressors=BloscCodec(**FEATURE_CODEC),
+            compressors=schema.array_compressors("features"),
         )
         for key in (("labels",) if has_lab else ()) + ("index",) + (("attributes",) if has_attr else ()):
-            g.create_array(key, shape=(rows,), chunks=(vec,), dtype="int64", fill_value=-1)
+            g.create_array(key, shape=(rows,), chunks=(vec,), dtype="int64", fill_value=-1,
+                           compressors=schema.array_compressors("vector"))
         self._active[name] = _ActiveSplit(g, rows, dim, has_attr, has_lab, self._plan.num_classes, chunk)
 
     def write_chunk(

@@ -18,7 +18,7 @@ def digits_net(hidden: int = 12):
 
 def _cfg(tmp_path, **over):
     data = {"store": str(tmp_path / "f.zarr"), "dataset": "digits-lt", "output": str(tmp_path / "out"),
-            "backbone": {"kind": "python", "target": "tests.pipeline.test_runner:digits_net",
+            "backbone": {"kind": "python", "target": "tests.pipeline.test_runner:digits_net", "allow_code": True,
                          "classifier": "3"},
             "methods": [{"name": "ce", "params": {"epochs": 3}}]}
     data.update(over)
@@ -41,7 +41,7 @@ def test_python_backbone_extracts_classifier_inputs_and_is_reused(tmp_path):
     np.testing.assert_allclose(train.features, expected, rtol=1e-5, atol=1e-6)
     assert extract.run_extract(cfg).cached
     # another backbone (other kwargs, so other weights) never overwrites the complete store
-    other = _cfg(tmp_path, backbone={"kind": "python", "target": "tests.pipeline.test_runner:digits_net",
+    other = _cfg(tmp_path, backbone={"kind": "python", "target": "tests.pipeline.test_runner:digits_net", "allow_code": True,
                                      "kwargs": {"hidden": 8}, "classifier": "3"})
     with pytest.raises(LongtailError, match="never overwritten"):
         preflight.preflight(other)

@@ -21,6 +21,7 @@ from longtail.stages.losses.cala import (
     neighbourhood_label_distribution,
     neighbourhood_prediction,
     smooth_with_class_averages,
+    with_self,
 )
 from longtail.stages.neighbours import NeighbourTable, build_table
 
@@ -265,7 +266,7 @@ def test_logit_priors_for_pc(train, test_x):
     ({"k": 2.5}, "k = 2.5 must be an integer"),
     ({"tau1": -1}, "tau1 = -1 must be a number >= 0"),
     ({"tau2": float("nan")}, "tau2 = nan"),
-    ({"alpha": 0}, "alpha = 0 must be a number > 0"),
+    ({"alpha": -0.5}, "alpha = -0.5 must be a number >= 0"),
     ({"smoothing": 1.0}, "smoothing = 1.0 must be >= 0 and < 1"),
     ({"smoothing": -0.1}, "smoothing = -0.1 must be a number >= 0"),
     ({"index": "lsh"}, "index = 'lsh' is not one of flat, ivf, hnsw"),
@@ -311,9 +312,9 @@ def test_class_sums_agree_on_both_paths():
 
 @pytest.mark.parametrize("mixed, smoothing, c", [(False, 0.0, 12), (True, 0.05, 12), (True, 0.5, 12), (True, 0.05, 4)])
 def test_adjustment_on_the_support_equals_the_dense_definitions(mixed, smoothing, c):
-    """cala_adjustment evaluates v only on the neighbourhood's label classes (all classes when
-    C <= 2K); the dense (R, C) definitions (eq. 8 with eq. A.11, v = 0 where p~_mx = 0) give the
-    same table."""
+    """cala_adjustment evaluates eq. 8 only on the neighbourhood's label classes (all classes when
+    C <= 2M); the dense (R, C) definitions (eq. 8 with eq. A.11, max(0, log(M p~_pr)) where
+    p~_mx = 0) give the same table."""
     g = torch.Generator().manual_seed(4)
     n, k = 90, 5
     y = torch.randint(c, (n,), generator=g)
@@ -328,8 +329,121 @@ def test_adjustment_on_the_support_equals_the_dense_definitions(mixed, smoothing
         s_pr, s_mx = p_pr.gather(1, y[:, None]).squeeze(1), p_mx.gather(1, y[:, None]).squeeze(1)
         p_pr = smooth_with_class_averages(p_pr, nb, y, s_pr, smoothing)
         p_mx = smooth_with_class_averages(p_mx, nb, y, s_mx, smoothing)
-    v = torch.where(p_mx > 0, torch.log(p_pr) - torch.log(p_mx.clamp_min(1e-30)), torch.zeros(()))
+    absent = (torch.log(p_pr.clamp_min(1e-12)) + math.log(k)).clamp_min(0.0)  # max(0, log(M p_pr))
+    v = torch.where(p_mx > 0, torch.log(p_pr) - torch.log(p_mx.clamp_min(1e-30)), absent)
     want = 1.2 * log_prior.float() + 0.8 * v
     got = cala_adjustment(nb, y, probs, log_prior, tau1=1.2, tau2=0.8, smoothing=smoothing,
                           partner_labels=partner, lam=lam, chunk_entries=200)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- issue 11: fidelity to the paper
+def test_the_neighbourhood_includes_the_sample_itself():
+    """N_K(x) = {x} + its K nearest others (N_0(x) = {x}). Row 3 (class 2) has no class-2 neighbour
+    in the toy table: without itself its true class had no label mass (v = 0); with itself, members
+    {3, 2, 0} with labels 2, 1, 0: p_mx = (1/3, 1/3, 1/3), p_pr = mean(q3, q2, q0) = (1/3, 0.3, 1.1/3)."""
+    members = with_self(NB)
+    np.testing.assert_array_equal(members.numpy(), [[0, 1, 2], [1, 0, 2], [2, 0, 1], [3, 2, 0]])
+    got = cala_adjustment(members, Y, Q, torch.log(PRIOR), tau1=1.0, tau2=1.0, smoothing=0.0)
+    u = np.log(PRIOR.numpy())
+    np.testing.assert_allclose(got[3].numpy(), u + np.log([1.0, 0.9, 1.1]), rtol=1e-5)
+    assert got[3, 2] != pytest.approx(float(u[2]))  # the true-class term is there
+    # row 2 (class 1) likewise: members {2, 0, 1}, p_mx(1) = 1/3, p_pr(1) = (0.6 + 0.2 + 0.3) / 3
+    assert got[2, 1].item() == pytest.approx(u[1] + math.log(1.1), rel=1e-5)
+
+
+def test_v_of_a_class_without_label_mass_by_hand():
+    """Eq. 8 where the class has label mass, max(0, log(M p_pr)) where it has none (one member's
+    share 1/M is the resolution of an M-member estimate). Row 0 (class 0), members {0, 1}, both of
+    class 0, q0 = (0.2, 0.7, 0.1), q1 = (0.4, 0.5, 0.1): p_pr = (0.3, 0.6, 0.1), p_mx = (1, 0, 0):
+    v = (log 0.3, log(2 * 0.6), max(0, log(2 * 0.1)) = 0): the dark dove that the model calls a crow
+    with no crow among its neighbours gets a margin against the crow."""
+    y = torch.tensor([0, 0, 1])
+    q = torch.tensor([[0.2, 0.7, 0.1], [0.4, 0.5, 0.1], [0.1, 0.8, 0.1]])
+    members = with_self(torch.tensor([[1], [0], [0]]))
+    prior = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    got = cala_adjustment(members, y, q, torch.log(prior), tau1=0.5, tau2=2.0, smoothing=0.0)
+    u = 0.5 * np.log(prior.numpy())
+    np.testing.assert_allclose(got[0].numpy(), u + 2.0 * np.array([math.log(0.3), math.log(1.2), 0.0]), rtol=1e-5)
+    # row 2 (class 1), members {2, 0}: p_pr = (0.15, 0.75, 0.1), p_mx = (0.5, 0.5, 0)
+    np.testing.assert_allclose(got[2].numpy(), u + 2.0 * np.array([math.log(0.3), math.log(1.5), 0.0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("counts, want", [((50, 50), 1.0), ((100, 10), 1.0), ((100, 1), 1.5), ((5000, 2), 1.5),
+                                          ((1000, 300, 20), 1.0 + 0.5 * (math.log10(50) - 1)), ((20, 3), 1.0)])
+def test_tau1_default_from_the_imbalance_ratio(counts, want):
+    """Paper 000, Fig. 5: tau1 = 1 at 10:1, 1.5 at 100:1; linear in log10 of the ratio in between."""
+    assert cala_module.default_tau1(np.array(counts)) == pytest.approx(want)
+
+
+def test_the_heads_use_the_tau1_of_their_imbalance_ratio(test_x):
+    """tau1 = None (the default) is tau1 = default_tau1(train counts): 1 at the 10:1 of this set
+    (so the logits carry a uniform prior), 1.5 at 100:1."""
+    train = _data()  # counts 60 .. 6: 10:1
+    auto = make_method("heuristic-cala", {**FAST, "k": 5}).fit(train)
+    assert auto.tau1 is None
+    np.testing.assert_array_equal(auto.logits(test_x),
+                                  make_method("heuristic-cala", {**FAST, "k": 5, "tau1": 1.0}).fit(train).logits(test_x))
+    np.testing.assert_allclose(logit_prior(auto), np.full(C, 0.25))
+    steep = _data(counts=(300, 60, 12, 3))  # 100:1
+    np.testing.assert_array_equal(
+        make_method("cala-no-v", FAST).fit(steep).logits(test_x),
+        make_method("cala-no-v", {**FAST, "tau1": 1.5}).fit(steep).logits(test_x))
+
+
+def _reference():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "cala_dovecrow.py"
+    spec = importlib.util.spec_from_file_location("cala_dovecrow", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_product_equals_the_reference_on_a_dove_crow_batch():
+    """On a tiny dove/crow set: the product's neighbourhoods (the shared table plus the sample
+    itself), adjustment (eq. 8, A.11, MixUp labels) and loss (eq. 5 with the MixUp criterion) equal
+    the plain dense transcription of benchmarks/cala_dovecrow.py on a fixed batch."""
+    from longtail.stages.synthetic import dove_crow
+
+    ref = _reference()
+    data = dove_crow(0, head=60, dim=8, val_per_group=1, test_per_group=1)
+    tr = data.splits["train"]
+    x, y = tr["features"], torch.as_tensor(tr["labels"])
+    n, c, k = len(y), len(data.class_names), 6
+    members = with_self(torch.as_tensor(build_table(x, k).indices))
+    ref_members = ref.reference_neighbourhoods(x, k)
+    np.testing.assert_array_equal(np.sort(members.numpy(), 1), np.sort(ref_members.numpy(), 1))
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(2 * torch.randn(n, c, generator=g), 1)
+    partner = y[torch.randperm(n, generator=g)]
+    lam = 0.5 + 0.5 * torch.rand(n, generator=g)
+    log_prior = torch.log(torch.as_tensor(data.class_counts, dtype=torch.float64) / n)
+    kw = {"tau1": 1.15, "tau2": 1.0, "smoothing": 0.05}
+    got = cala_adjustment(members, y, q, log_prior, partner_labels=partner, lam=lam, **kw)
+    want = ref.reference_adjustment(ref_members, y, q, partner, lam, log_prior, **kw)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    rows = torch.randperm(n, generator=g)[:16]
+    logits = torch.randn(16, c, generator=g)
+    yb = y[rows][torch.randperm(16, generator=g)]
+    assert cala_loss(logits, y[rows], got[rows], partner_labels=yb, lam=0.8).item() == pytest.approx(
+        ref.reference_loss(logits.double(), y[rows], want[rows], yb, 0.8).item(), rel=1e-5)
+
+
+def test_the_head_adjusts_with_the_table_rows_plus_the_sample_itself(train, monkeypatch):
+    """What the fit hands cala_adjustment: column 0 the row itself, then the table's first k columns
+    (the shared table stays self-excluded, so its key and Meta-CALA's reading of it are unchanged)."""
+    table = build_table(train.features, 9)
+    seen = []
+
+    def spy(neighbours, *args, **kwargs):
+        seen.append(neighbours.clone())
+        return cala_adjustment(neighbours, *args, **kwargs)
+
+    monkeypatch.setattr(cala_module, "cala_adjustment", spy)
+    make_method("heuristic-cala", {**FAST, "k": 5, "epochs": 2}).set_table(table).fit(train)
+    assert len(seen) == 1  # epoch 2 (epoch 1 is the warm-up without v)
+    np.testing.assert_array_equal(seen[0].numpy(), np.c_[np.arange(len(train.labels)), table.indices[:, :5]])
+    assert not (table.indices == np.arange(len(train.labels))[:, None]).any()

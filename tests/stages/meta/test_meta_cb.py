@@ -125,3 +125,26 @@ def test_other_losses_train_and_their_meta_loss_is_the_same_loss(splits, loss):
     assert np.isfinite(head.meta_loss_[2:]).all() and np.isnan(head.meta_loss_[:2]).all()
     if loss == "ldam":  # test-time logits are scale * cosine
         assert np.abs(head.logits(val.features)).max() <= 30.0 + 1e-4
+
+
+def test_the_conditional_weights_lower_the_look_ahead_meta_loss():
+    """Descent: the look-ahead with ``ε = −τ ∇_ε L_m`` (small ``τ``) has a lower meta loss than with
+    ``ε = 0`` at the same ``θ`` (a wrong sign would raise it)."""
+    state = float64_state(lr=0.5)
+    weight = torch.tensor([0.4, 1.1, 1.5], dtype=torch.float64)
+    obj = ConditionalWeightObjective(weight=weight, tau=0.05, loss=per_sample_loss("ce"), epochs=1)
+    batch = state.data.batch(torch.arange(len(state.data)), 0, 0)
+    meta = toy_data((3, 3, 3), 9)
+    mb = meta.batch(torch.arange(len(meta)), 0, 0)
+    values, grads, at_zero = meta_gradient(state, batch, obj, mb, 0.5)
+    eps = obj.meta_update(values, grads, state)["eps"]
+    assert float(eps.abs().max()) > 0
+
+    class Fixed(ConditionalWeightObjective):
+        def meta_variables(self, state, batch):
+            self._labels = batch.y
+            return {"eps": eps.clone().requires_grad_(True)}
+
+    _, _, moved = meta_gradient(state, batch, Fixed(weight=weight, tau=0.05, loss=per_sample_loss("ce"), epochs=1),
+                                mb, 0.5)
+    assert float(moved) < float(at_zero)

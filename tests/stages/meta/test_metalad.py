@@ -143,3 +143,18 @@ def test_bad_parameters_fail_before_any_fit(splits, params, match):
     with pytest.raises(LongtailError, match=match) as info:
         METHODS["metalad"](**params, **FIT).fit(train, val)
     assert "\n" not in str(info.value)
+
+
+def test_a_small_meta_step_lowers_the_look_ahead_meta_loss():
+    """Descent: at a fixed ``θ``, one small step on ``Λ`` along ``−∇_Λ L_m`` lowers ``L_m(θ̂(Λ))`` (a
+    wrong sign or a wrong look-ahead would raise it)."""
+    state = float64_state(lr=0.5)
+    obj = _objective(state)
+    batch = state.data.batch(torch.arange(len(state.data)), 0, 0)
+    meta = toy_data((3, 3, 3), 9)
+    mb = meta.batch(torch.arange(len(meta)), 0, 0)
+    values, grads, before = meta_gradient(state, batch, obj, mb, 0.5)
+    with torch.no_grad():
+        obj.lam -= 1e-2 * grads["lam"] / grads["lam"].norm()
+    _, _, after = meta_gradient(state, batch, obj, mb, 0.5)
+    assert float(after) < float(before)

@@ -1,0 +1,211 @@
+"""Integrity on read (issue 14, item 1): per-chunk checksums, truncated chunks, fingerprints and
+class counts verified, artifact files checked against their completion marker on every read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from longtail.stages.errors import LongtailError
+from longtail.storage import artifacts as art
+from longtail.storage.featurestore import CorruptStoreError, open_store
+from longtail.storage.featurestore import schema
+from tests.storage.test_featurestore import build, make_data
+
+
+@pytest.fixture
+def data():
+    return make_data()
+
+
+def _chunk(root, split, array, *idx):
+    return os.path.join(root, split, array, "c", *[str(i) for i in idx])
+
+
+def _flip_last_byte(path):
+    raw = bytearray(open(path, "rb").read())
+    raw[-5] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+
+
+def _old_store(monkeypatch, url, data):
+    """A store as written before per-chunk checksums existed (Blosc / default codecs only)."""
+    with monkeypatch.context() as m:
+        m.setattr(schema, "CHUNK_CHECKSUM", False)
+        build(url, data)
+
+
+# ---------------------------------------------------------------------------------------- feature store
+def test_new_stores_carry_a_crc32c_codec_on_every_array(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    g = zarr.open_group(url, mode="r")
+    for key in ("features", "labels", "index", "attributes"):
+        names = [type(c).__name__ for c in g["train"][key].compressors]
+        assert names[-1] == "Crc32cCodec", (key, names)
+
+
+def test_a_byte_edit_of_a_chunk_names_the_chunk(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    path = _chunk(url, "train", "features", 1, 0)
+    _flip_last_byte(path)
+    st = open_store(url)
+    with pytest.raises(CorruptStoreError) as e:
+        st.read("train")
+    msg = str(e.value)
+    assert "\n" not in msg and "train/features/c/1/0" in msg and "checksum" in msg
+    with pytest.raises(CorruptStoreError, match="train/features/c/1/0"):
+        st.verify()
+
+
+def test_a_truncated_chunk_of_an_old_store_is_an_error_not_a_crash(tmp_path, data, monkeypatch):
+    url = str(tmp_path / "f.zarr")
+    _old_store(monkeypatch, url, data)
+    assert [type(c).__name__ for c in zarr.open_group(url)["train"]["features"].compressors] == ["BloscCodec"]
+    open_store(url).verify()  # an old store still opens and verifies
+    path = _chunk(url, "train", "features", 2, 0)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(CorruptStoreError, match="train/features/c/2/0.*truncated") as e:
+        open_store(url).read("train")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CorruptStoreError, match="truncated"):
+        open_store(url).verify()
+
+
+def test_a_truncated_chunk_with_a_checksum_is_named(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    path = _chunk(url, "test", "features", 0, 0)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:7])
+    with pytest.raises(CorruptStoreError, match="test/features/c/0/0"):
+        open_store(url).read("test")
+
+
+def test_a_decodable_edit_of_an_old_store_fails_verification(tmp_path, data, monkeypatch):
+    url = str(tmp_path / "f.zarr")
+    _old_store(monkeypatch, url, data)
+    g = zarr.open_group(url, mode="r+")
+    with monkeypatch.context() as m:  # rewrite one value with the old codecs: still decodes
+        g["test"]["features"][3, 2] = 9.0
+    open_store(url).read("test")
+    with pytest.raises(CorruptStoreError, match="'test'.*does not match its fingerprint.*rebuild"):
+        open_store(url).verify()
+
+
+def test_edited_train_labels_are_checked_against_the_class_counts(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    g = zarr.open_group(url, mode="r+")
+    labels = g["train"]["labels"][:]
+    labels[labels == 0] = 1  # every class-0 sample becomes class 1 (rewritten with a valid checksum)
+    labels[0] = 0
+    g["train"]["labels"][:] = labels
+    with pytest.raises(CorruptStoreError, match="train.*labels.*class counts.*'cat'"):
+        open_store(url).verify()
+
+
+def test_verify_reports_progress_of_every_split(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    assert open_store(url).verify() is None
+
+
+# ---------------------------------------------------------------------------------------- artifacts
+def test_a_same_size_rewrite_of_an_artifact_file_is_refused_on_read(tmp_path):
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    key = "ab" * 16
+    store.write("method", key, {"logits_test.npy": b"0123456789"}, {"x": 1})
+    path = tmp_path / "cache" / "method" / key / "logits_test.npy"
+    path.write_bytes(b"0123456780")
+    with pytest.raises(art.CorruptArtifactError) as e:
+        store.read_file("method", key, "logits_test.npy")
+    assert "logits_test.npy" in str(e.value) and "hash" in str(e.value)
+    with pytest.raises(art.CorruptArtifactError):
+        store.verify("method", key)
+    assert store.read_meta("method", key) == {"x": 1}  # the other files still read
+
+
+def test_a_corrupt_marker_is_a_corrupt_artifact(tmp_path):
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    key = "cd" * 16
+    store.write("method", key, {"a.bin": b"x"})
+    (tmp_path / "cache" / "method" / key / art.MARKER).write_text("{not json")
+    with pytest.raises(art.CorruptArtifactError, match=art.MARKER):
+        store.verify("method", key)
+    assert issubclass(art.CorruptArtifactError, LongtailError)
+    doc = {"kind": "method", "key": key, "files": {"a.bin": {"size": 1}}}
+    (tmp_path / "cache" / "method" / key / art.MARKER).write_text(json.dumps(doc))
+    with pytest.raises(art.CorruptArtifactError, match=f"{art.MARKER}.*hashes"):  # a marker without hashes
+        store.read_file("method", key, "a.bin")
+
+
+# ---------------------------------------------------------------------------------------- --force, leftovers
+def test_replace_writes_a_new_artifact_over_a_corrupt_one(tmp_path):
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    key = "ef" * 16
+    store.write("method", key, {"a.bin": b"old!"}, {"v": 1})
+    (tmp_path / "cache" / "method" / key / "a.bin").write_bytes(b"bad!")
+    store.write("method", key, {"a.bin": b"new"}, {"v": 2})  # without replace: kept as it is
+    with pytest.raises(art.CorruptArtifactError):
+        store.verify("method", key)
+    store.write("method", key, {"a.bin": b"new"}, {"v": 2}, replace=True)
+    store.verify("method", key)
+    assert store.read_file("method", key, "a.bin") == b"new" and store.read_meta("method", key) == {"v": 2}
+    assert sorted(os.listdir(tmp_path / "cache" / "method")) == [key]  # nothing left aside
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_the_next_writer_removes_what_crashed_writers_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    store = art.ArtifactStore(str(tmp_path / "cache"))
+    base = tmp_path / "cache" / "method"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name, pid in ((".tmp-" + "1" * 32 + "-dead", _dead_pid()), (".tmp-" + "2" * 32 + "-live", live.pid),
+                          (".old-" + "3" * 32 + "-dead", _dead_pid())):
+            (base / name).mkdir(parents=True)
+            (base / name / "big.bin").write_bytes(b"x" * 1000)
+            (base / name / art.OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        (base / ".tmp-ownerless-recent").mkdir()
+        (base / ".tmp-ownerless-old").mkdir()
+        old = time.time() - 2 * art.ORPHAN_AGE
+        os.utime(base / ".tmp-ownerless-old", (old, old))
+        store.write("method", "ab" * 16, {"a.bin": b"x"})
+        left = sorted(p.name for p in base.iterdir())
+        assert left == sorted(["ab" * 16, ".tmp-" + "2" * 32 + "-live", ".tmp-ownerless-recent"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_atomic_write_removes_the_temporaries_of_dead_writers(tmp_path):
+    from longtail.pipeline import io as pio
+
+    target = tmp_path / "metrics.json"
+    dead = tmp_path / f".metrics.json.tmp-{_dead_pid()}-{pio._host_tag()}-abc.tmp"
+    mine = tmp_path / f".metrics.json.tmp-{os.getpid()}-{pio._host_tag()}-abc.tmp"  # a live writer: this one
+    other = tmp_path / f".report.md.tmp-{_dead_pid()}-{pio._host_tag()}-abc.tmp"  # another file's: not ours
+    for p in (dead, mine, other):
+        p.write_bytes(b"{")
+    pio.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert not dead.exists() and mine.exists() and other.exists()
