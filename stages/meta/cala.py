@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from longtail.stages.base import FitContext, Requirement
+from longtail.stages.cala import K, default_tau1
 from longtail.stages.calibrate import prior_from_log
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
@@ -75,10 +76,11 @@ from longtail.stages.train.data import Batch
 from longtail.stages.train.engine import TrainState
 from longtail.stages.train.objective import StepOutput
 
-#: paper 000: τ1 = 1.5, τ2 = 1 (LT benchmarks), Adam at 1e-3 for the adjustment network, six KMeans
-#: groups per class; K = 30 as ``heuristic-cala`` (one cached table serves both), two rows per
-#: (class, group) (the GLT setting), hidden width 200 (the authors' code), meta batch 100 (code)
-TAU1, TAU2, K, META_LR, GROUPS, PER_GROUP, HIDDEN, META_BATCH = 1.5, 1.0, 30, 1e-3, 6, 2, 200, 100
+#: paper 000: τ2 = 1, Adam at 1e-3 for the adjustment network, six KMeans groups per class; τ1 and K
+#: are ``heuristic-cala``'s (τ1 from the imbalance ratio, :func:`~longtail.stages.cala.default_tau1`;
+#: K = 20, so one cached table serves both), two rows per (class, group) (the GLT setting), hidden
+#: width 200 (the authors' code), meta batch 100 (code)
+TAU2, META_LR, GROUPS, PER_GROUP, HIDDEN, META_BATCH = 1.0, 1e-3, 6, 2, 200, 100
 #: "the meta step barely moved anything": the largest per-epoch mean effective adjustment
 #: ``τ2 |δ − mean_c δ|`` stays below this many logits (a 1% change of a probability ratio)
 INERT_THRESHOLD = 1e-2
@@ -256,12 +258,13 @@ class MetaCALAHead(MetaHead):
     """Meta-CALA (paper 000, Algorithm A-2): the CALA loss with a meta-learned ``v`` term.
 
     Args:
-        tau1: weight of ``u = log p_tr`` (1.5).
+        tau1: weight of ``u = log p_tr``; ``None`` (default): from the train imbalance ratio as for
+            ``heuristic-cala`` (1 at 10:1, 1.5 at 100:1, paper 000 Fig. 5).
         tau2: weight of the learned adjustment ``δ`` (1).
-        k: neighbourhood size K of the characteristics, ``1 <= K < N`` (30).
+        k: neighbourhood size K of the characteristics, ``1 <= K < N`` (20, as ``heuristic-cala``).
         neighbour_stats: ``exact`` (the neighbours' characteristics from the head at every step) or
             ``cached`` (from a table of every row's values, refreshed when the row is trained: up to
-            an epoch stale, and about three times cheaper per step at K = 30).
+            an epoch stale; several times cheaper per step on large feature sets).
         index: the neighbour table's faiss index (``flat``, ``ivf``, ``hnsw``).
         hidden, layers: width and number of hidden layers of the adjustment network (200, 1).
         meta_lr: Adam's learning rate for the adjustment network (1e-3, the paper's), at most 1; 0
@@ -284,7 +287,7 @@ class MetaCALAHead(MetaHead):
     step_name = "meta_lr"
     meta_start = 0.0  # (not a parameter: MetaHead's warm-up fraction)
 
-    def __init__(self, *, tau1: float = TAU1, tau2: float = TAU2, k: int = K, index: str = "flat",
+    def __init__(self, *, tau1: float | None = None, tau2: float = TAU2, k: int = K, index: str = "flat",
                  neighbour_stats: str = "exact", hidden: int = HIDDEN, layers: int = 1, meta_lr: float = META_LR,
                  meta_weight_decay: float = 0.0,
                  meta_batch: int = META_BATCH, groups: int = GROUPS, per_group: int = PER_GROUP,
@@ -353,7 +356,7 @@ class MetaCALAHead(MetaHead):
     def _check_params(self, num_classes: int) -> None:
         self._check("per_group", self.per_group, integer=True, low=1)  # (MetaHead checks it as meta_per_class)
         super()._check_params(num_classes)
-        self._check("tau1", self.tau1, low=0)
+        self._check("tau1", self.tau1, low=0, allow_none=True)
         self._check("tau2", self.tau2, low=0)
         self._check("k", self.k, integer=True, low=1)
         self._check("hidden", self.hidden, integer=True, low=1)
@@ -428,7 +431,7 @@ class MetaCALAHead(MetaHead):
             raise LongtailError(f"method {self.name!r}: its objective needs the neighbourhoods of its own fit")
         counts = torch.as_tensor(ctx.class_counts, dtype=torch.float64, device=ctx.device)
         return MetaCALAObjective(self.new_network(ctx.num_classes).to(ctx.device), neighbours, counts,
-                                 tau1=float(self.tau1), tau2=float(self.tau2), meta_lr=float(self.meta_lr),
+                                 tau1=self.resolved_tau1(ctx.class_counts), tau2=float(self.tau2), meta_lr=float(self.meta_lr),
                                  meta_weight_decay=float(self.meta_weight_decay),
                                  cached=self.neighbour_stats == "cached", owner=f"method {self.name!r}")
 
@@ -437,12 +440,19 @@ class MetaCALAHead(MetaHead):
         self.adjust_raw_ = np.asarray(objective.adjust_raw, dtype=np.float64)
         self.network_shift_ = np.float64(objective.network_shift())
 
+    def resolved_tau1(self, class_counts) -> float:
+        """``tau1``, or for ``None`` the value of the train imbalance ratio (:func:`default_tau1`)."""
+        return float(self.tau1) if self.tau1 is not None else default_tau1(class_counts)
+
     # ------------------------------------------------------------------ outputs
     def logit_prior(self) -> np.ndarray:
         """``p_tr^(1 - tau1)``, normalised, as ``heuristic-cala`` (``δ`` estimates a ratio of
         class-conditional densities and carries no label prior)."""
         self._check_fitted()
-        return prior_from_log((1.0 - float(self.tau1)) * np.log(np.asarray(self.source_prior_, dtype=np.float64)))
+        prior = np.asarray(self.source_prior_, dtype=np.float64)
+        # the counts' imbalance ratio is the prior's: scaled so that its smallest entry is 1 (> 0: every
+        # class has a train sample), as default_tau1 floors the smallest count at 1
+        return prior_from_log((1.0 - self.resolved_tau1(prior / prior.min())) * np.log(prior))
 
     def diagnostics(self, train: FeatureSet) -> dict[str, Any]:
         """``{"meta": ...}``: MetaHead's summary (meta set, meta loss per epoch), per epoch the mean

@@ -279,3 +279,18 @@ def test_the_report_tells_an_idle_meta_step_from_a_moving_one():
     moving = make_method("meta-cala", {**SGD, "k": 5}).fit(TRAIN, VAL).diagnostics(TRAIN)["meta"]
     assert movement(idle)[2] == "barely moved" and idle["barely_moved"]
     assert movement(moving)[2] == "moved" and not moving["barely_moved"]
+
+
+def test_default_tau1_follows_the_imbalance_ratio_as_heuristic_cala():
+    from longtail.stages.cala import default_tau1
+
+    counts = (120, 30, 12, 3)  # 40:1: tau1 = 1 + 0.5 log10(4) = 1.30
+    rows = split(counts, 6, "train")
+    train = FeatureSet(rows.features, rows.labels, np.array(counts), NAMES, name="train")
+    tau1 = default_tau1(counts)
+    assert tau1 == pytest.approx(1.0 + 0.5 * np.log10(4.0))
+    meta = make_method("meta-cala", {**SGD, "meta_lr": 0.0, "k": 5}).fit(train, VAL)
+    sgd = {"solver": "sgd"} if "solver" in make_method("logit-adjust").get_params() else {}
+    la = make_method("logit-adjust", {**SGD, **sgd, "tau": tau1}).fit(train, VAL)
+    np.testing.assert_array_equal(meta.logits(TEST_X), la.logits(TEST_X))
+    np.testing.assert_allclose(meta.logit_prior(), la.logit_prior(), rtol=1e-12)
