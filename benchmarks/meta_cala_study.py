@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Meta-CALA (paper 000, Algorithm A-2) on ``digits-glt`` under the CLT, ALT and GLT protocols,
-beside its special-case base ``logit-adjust`` with ``tau = tau1 = 1.5`` (``meta_lr: 0``), plain
-``logit-adjust``, ``heuristic-cala``, ``ce`` and ``crt``, with two ablations of the meta set
-(specification §2.9 and §6).
+beside its special-case base ``logit-adjust`` with ``tau = tau1`` (what ``meta_lr: 0`` trains; tau1
+from the train imbalance ratio, :func:`longtail.stages.cala.default_tau1`), plain ``logit-adjust``,
+``heuristic-cala``, ``ce`` and ``crt``, with ablations of the meta set, the meta step size and the
+neighbour statistics (specification §2.9 and §6).
 
 Usage (from the repository root)::
 
@@ -24,7 +25,7 @@ meta step did nothing".
 KMeans group), the store having no attributes) and reports balanced and few-shot accuracy.
 
 ``--timing`` measures the cost instead: CPU seconds per epoch of ``meta-cala`` against its non-meta
-base ``logit-adjust`` (``tau = 1.5``; same epochs, batch size, lr, seed) on the same features, with
+base ``logit-adjust`` (``tau = tau1``; same epochs, batch size, lr, seed) on the same features, with
 the neighbour table and the meta set built once beforehand and handed over (what the pipeline does
 with its shared artifacts): on ``digits-lt`` (the default stage-1 CNN's features, as
 ``benchmarks/bench_cala.py`` extracts them, plus the val split for the meta set) and on the
@@ -72,7 +73,7 @@ METHODS = [
     ("ce", "ce", {}),
     ("crt", "crt", {}),
     ("logit-adjust", "logit-adjust", {}),
-    ("logit-adjust[tau=1.5]", "logit-adjust", {"tau": 1.5}),
+    ("logit-adjust[tau=tau1]", "logit-adjust", {}),  # tau: default_tau1 of the train counts (run_seed)
     ("heuristic-cala", "heuristic-cala", {}),
     ("meta-cala", "meta-cala", {}),
     ("meta-cala[kmeans]", "meta-cala", {"meta_groups": "kmeans"}),
@@ -84,11 +85,23 @@ META = [label for label, name, _ in METHODS if name == "meta-cala"]
 #: digits-lt has no attributes: the default meta set is already KMeans-grouped
 LT_METHODS = [m for m in METHODS if m[0] != "meta-cala[kmeans]"] + [("tau-norm", "tau-norm", {})]
 #: what the meta-cala variants are compared with (paired differences)
-BASES = ["logit-adjust[tau=1.5]", "logit-adjust", "heuristic-cala", "crt"]
+BASES = ["logit-adjust[tau=tau1]", "logit-adjust", "heuristic-cala", "crt"]
+
+
+def with_tau1(methods: list, counts) -> list[dict]:
+    """The config entries, ``logit-adjust[tau=tau1]`` given meta-cala's default tau1 for ``counts``."""
+    from longtail.stages.cala import default_tau1
+
+    return [{"name": name, "label": label,
+             "params": {**params, "tau": default_tau1(counts)} if label == "logit-adjust[tau=tau1]" else params}
+            for label, name, params in methods]
 
 
 def run_seed(seed: int, out: str) -> tuple[dict, dict, float]:
-    methods = [{"name": name, "label": label, "params": params} for label, name, params in METHODS]
+    from longtail.stages.datasets import digits_glt
+
+    # CLT and GLT share their long-tailed train split (under ALT u is a constant: any tau is ce)
+    methods = with_tau1(METHODS, digits_glt(protocol="glt", seed=seed).class_counts)
     cfg = parse_config({"store": os.path.join(out, "features.zarr"), "dataset": {"name": "digits-glt"},
                         "backbone": {"kind": "builtin"}, "methods": methods, "output": out, "seed": seed,
                         "device": "auto", "evaluation": {"shift_ratios": []}}, source="meta_cala_study")
@@ -113,8 +126,10 @@ def section(results: list[dict], diags: list[dict], seeds: list[int], seconds: l
         "`digits-glt` with its defaults, the splits, builtin CNN and features per seed of "
         "`benchmarks/glt_study.py`; every method with its default parameters unless its label says "
         "otherwise (`meta-cala`: "
-        "tau1 = 1.5, tau2 = 1, K = 30, Adam at meta_lr = 1e-3, a meta set of 2 val rows per (class, attribute), "
-        "30 epochs of minibatch SGD as every head). `[kmeans]`: 2 rows per (class, KMeans group of 6) instead "
+        "tau1 from the imbalance ratio (1.14 here) as `heuristic-cala`, tau2 = 1, K = 20, Adam at meta_lr = 1e-3, "
+        "a meta set of 2 val rows per (class, attribute), 30 epochs of minibatch SGD as every head; "
+        "`logit-adjust[tau=tau1]` is what it trains with `meta_lr: 0`). `[kmeans]`: 2 rows per (class, KMeans "
+        "group of 6) instead "
         "of attributes; `[class-only]`: 6 rows per class, no groups; `[cached]`: the neighbours' "
         "characteristics from a table refreshed as rows are trained. "
         f"Mean over seeds {', '.join(map(str, seeds))}; accuracies in %.",
@@ -160,8 +175,9 @@ def write_readme(text: str, start: str = START_MARKER, end: str = END_MARKER,
 # ---------------------------------------------------------------------------------------- digits-lt
 def run_lt(ratio: int, seed: int, out: str) -> dict:
     from longtail.pipeline import graph
+    from longtail.stages.datasets import digits_lt
 
-    methods = [{"name": name, "label": label, "params": params} for label, name, params in LT_METHODS]
+    methods = with_tau1(LT_METHODS, digits_lt(imbalance_ratio=ratio, seed=seed).class_counts)
     cfg = parse_config({"store": os.path.join(out, "features.zarr"),
                         "dataset": {"name": "digits-lt", "imbalance_ratio": ratio},
                         "backbone": {"kind": "builtin"}, "output": out, "seed": seed, "device": "auto",
@@ -172,7 +188,8 @@ def run_lt(ratio: int, seed: int, out: str) -> dict:
 def lt_section(results: dict[int, list[dict]], seeds: list[int], seconds: float, threads: int) -> str:
     lines = ["`digits-lt` (balanced test split, 50 images per class) at three imbalance ratios; per ratio and "
              "seed the builtin CNN and its features, every method with its defaults unless its label says "
-             "otherwise (`meta-cala`: 2 val rows per (class, KMeans group of 6), 30 epochs of minibatch SGD). "
+             "otherwise (`meta-cala`: 2 val rows per (class, KMeans group of 6), 30 epochs of minibatch SGD; "
+             "`logit-adjust[tau=tau1]` with its tau1 of the ratio: 1.01, 1.16, 1.36). "
              f"Balanced accuracy and few-shot accuracy in %, mean over seeds {', '.join(map(str, seeds))}; the "
              "adjustment: the last epoch's mean `tau2 |δ - mean δ|` in logits.", "",
              "| method | " + " | ".join(f"IF {r}: bal. acc. | IF {r}: few" for r in RATIOS)
@@ -189,7 +206,7 @@ def lt_section(results: dict[int, list[dict]], seeds: list[int], seconds: float,
     lines += ["", "Paired differences of `meta-cala` in balanced accuracy, percentage points, mean over seeds "
               "(range in brackets):", "", "| `meta-cala` minus | " + " | ".join(f"IF {r}" for r in RATIOS) + " |",
               "|---" + "|---:" * len(RATIOS) + "|"]
-    for base in ("logit-adjust[tau=1.5]", "logit-adjust", "heuristic-cala", "crt", "tau-norm"):
+    for base in ("logit-adjust[tau=tau1]", "logit-adjust", "heuristic-cala", "crt", "tau-norm"):
         cells = [_delta([m["methods"]["meta-cala"]["balanced_accuracy"] for m in results[r]],
                         [m["methods"][base]["balanced_accuracy"] for m in results[r]]) for r in RATIOS]
         lines.append(f"| `{base}` | " + " | ".join(cells) + " |")
@@ -244,7 +261,7 @@ def timing_sets(name: str, fraction: float, device: str):
 
 
 def time_fits(train, val, epochs: int, repeats: int, device: str) -> dict:
-    """Median CPU seconds per epoch of ``logit-adjust`` (tau 1.5) and ``meta-cala`` (its artifacts
+    """Median CPU seconds per epoch of ``logit-adjust`` (tau = tau1) and ``meta-cala`` (its artifacts
     handed over), alternating, after a warm-up fit of each."""
     from longtail.stages.meta.metaset import build_meta_set
     from longtail.stages.registry import make_method
@@ -257,7 +274,7 @@ def time_fits(train, val, epochs: int, repeats: int, device: str) -> dict:
     for r in range(repeats + 1):
         for key in out:
             if key == "logit-adjust":
-                method = make_method(key, {**params, "tau": 1.5})
+                method = make_method(key, {**params, "tau": meta.resolved_tau1(train.class_counts)})
             else:
                 stats = {"neighbour_stats": "cached"} if key.endswith("[cached]") else {}
                 method = make_method("meta-cala", {**params, **stats}).set_table(table).set_meta_set(meta_set)
@@ -272,8 +289,8 @@ def time_fits(train, val, epochs: int, repeats: int, device: str) -> dict:
 
 def timing_section(results: dict, args) -> str:
     lines = ["CPU seconds per epoch (fit time over epochs, the fit's one-time set-up included; median of the "
-             "repeats) of `meta-cala` against its non-meta base `logit-adjust` (`tau = 1.5`) on the same "
-             "features, default batch size (256), K = 30, the neighbour table and the meta set handed over "
+             "repeats) of `meta-cala` against its non-meta base `logit-adjust` (`tau = tau1`) on the same "
+             "features, default batch size (256), K = 20, the neighbour table and the meta set handed over "
              "(built once per store by the pipeline); in brackets the ratio to `logit-adjust`:", "",
              "| features | train rows x dim, classes | meta rows | `logit-adjust` | `meta-cala` "
              "| `meta-cala`, `neighbour_stats: cached` |",

@@ -431,7 +431,8 @@ class MetaCALAHead(MetaHead):
             raise LongtailError(f"method {self.name!r}: its objective needs the neighbourhoods of its own fit")
         counts = torch.as_tensor(ctx.class_counts, dtype=torch.float64, device=ctx.device)
         return MetaCALAObjective(self.new_network(ctx.num_classes).to(ctx.device), neighbours, counts,
-                                 tau1=self.resolved_tau1(ctx.class_counts), tau2=float(self.tau2), meta_lr=float(self.meta_lr),
+                                 tau1=self.resolved_tau1(ctx.class_counts), tau2=float(self.tau2),
+                                 meta_lr=float(self.meta_lr),
                                  meta_weight_decay=float(self.meta_weight_decay),
                                  cached=self.neighbour_stats == "cached", owner=f"method {self.name!r}")
 
