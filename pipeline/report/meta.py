@@ -45,6 +45,9 @@ def movement(diag: dict[str, Any]) -> tuple[str, float | None, str]:
     elif diag.get("lambda_moved") is not None:
         size = max((v for v in diag["lambda_moved"] if v is not None), default=None)
         what = "max |lambda - lambda_0|"
+    elif diag.get("delta_mean_abs") is not None:  # meta-cala: the adjustment itself, from 0, in logits
+        size = max((v for v in diag["delta_mean_abs"] if v is not None), default=None)
+        what = "max mean |delta| (logits)"
     else:
         return "n/a", None, "n/a"
     if size is None:

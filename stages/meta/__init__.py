@@ -2,6 +2,7 @@
 meta sets (:mod:`.metaset`) and the heads trained by the bi-level look-ahead step of
 :mod:`longtail.stages.train.bilevel`."""
 
+from longtail.stages.meta.cala import MetaCALAHead  # noqa: F401
 from longtail.stages.meta.jamal import MetaCBHead  # noqa: F401
 from longtail.stages.meta.metalad import MetaLADHead  # noqa: F401
 from longtail.stages.meta.metaset import (  # noqa: F401
