@@ -451,11 +451,10 @@ class MetaCALAHead(MetaHead):
         class-conditional densities and carries no label prior)."""
         self._check_fitted()
         prior = np.asarray(self.source_prior_, dtype=np.float64)
-        # the counts' imbalance ratio is the prior's: scaled so that its smallest entry is 1 (> 0: every
-        # class has a train sample), as default_tau1 floors the smallest count at 1
-        return prior_from_log((1.0 - self.resolved_tau1(prior / prior.min())) * np.log(prior))
+        return prior_from_log((1.0 - self.resolved_tau1(prior)) * np.log(prior))  # default_tau1 is scale-free
 
-    def diagnostics(self, train: FeatureSet) -> dict[str, Any]:
+    def diagnostics(self, train: FeatureSet, val: FeatureSet | None = None,
+                    test: FeatureSet | None = None) -> dict[str, Any]:
         """``{"meta": ...}``: MetaHead's summary (meta set, meta loss per epoch), per epoch the mean
         effective adjustment ``τ2 |δ − mean_c δ|`` in logits (``delta_mean_abs``, the part that
         changes the loss) and the mean ``|δ|`` (``adjust_raw``), the relative change of the network

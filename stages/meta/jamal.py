@@ -238,7 +238,7 @@ class MetaCBHead(MetaHead):
             setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
         self.meta_rows_ = int(state["meta.meta_rows_"])
 
-    def diagnostics(self, train) -> dict[str, Any] | None:
+    def diagnostics(self, train, val=None, test=None) -> dict[str, Any] | None:
         """``{"meta": ...}``: the per-class mean conditional weight per epoch (paper 003, fig. 3), the
         scale of ``ε`` against ``w``, the share of negative total weights, the class weights."""
         self._check_fitted()

@@ -277,7 +277,7 @@ class MetaLADHead(MetaHead):
             setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
         self.meta_rows_ = int(state["meta.meta_rows_"])
 
-    def diagnostics(self, train) -> dict[str, Any] | None:
+    def diagnostics(self, train, val=None, test=None) -> dict[str, Any] | None:
         """``{"meta": ...}``: the mean learned coefficient per term and epoch, how far ``Λ`` moved from
         its start, and the mean size of the adjustment ``mean_{c≠y} |δ_{y,c}|`` per epoch."""
         self._check_fitted()

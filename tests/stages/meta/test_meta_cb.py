@@ -18,7 +18,7 @@ def test_tau_zero_and_no_warmup_is_cb_ce_bit_for_bit(splits):
     """J1 (paper 003 §4.3: "at worst the same as the class-balanced method"): same beta, seed and
     minibatch SGD settings (passed explicitly: cb-ce's own defaults may change) give the same logits."""
     train, val = splits
-    cb = METHODS["cb-ce"](beta=0.9, **FIT).fit(train, val)
+    cb = METHODS["cb-ce"](beta=0.9, solver="sgd", **FIT).fit(train, val)
     meta = METHODS["meta-cb"](beta=0.9, tau=0.0, meta_start=0.0, meta_batch=8, **FIT).fit(train, val)
     assert np.array_equal(cb.logits(val.features), meta.logits(val.features))
     assert np.array_equal(cb.logit_prior(), meta.logit_prior())
