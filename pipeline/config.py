@@ -396,6 +396,7 @@ def dump_config(config: RunConfig) -> str:
 DEMO_METHODS: list[Union[str, dict]] = [
     "ce", "balanced-softmax", "logit-adjust", "cb-ce", "crt", "tau-norm", "lws", "cosine",
     "focal", "ldam-drw", "lade", "heuristic-cala", "dynamic-la", "ce+pc", "ce+ts", "dlsa+balanced-softmax",
+    "meta-cb", "metalad", "meta-cala",
 ]
 
 
@@ -404,7 +405,7 @@ DEMO_SEEDS = (0, 1, 2)
 
 
 def demo_config(out: str) -> RunConfig:
-    """The demo: the full DAG on ``digits-lt`` with every head and ``ce+pc``, three seeds."""
+    """The demo: the full DAG on ``digits-lt`` with every head, the meta-learned family, ``ce+pc``, three seeds."""
     return parse_config(
         {
             "store": os.path.join(out, "features.zarr"),
