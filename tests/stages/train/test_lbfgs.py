@@ -156,6 +156,8 @@ RULE = {
     # normalised modules and epoch schedules / per-batch randomness: minibatch SGD
     "cosine": "sgd", "ldam-drw": "sgd", "heuristic-cala": "sgd", "cala-no-u": "sgd", "cala-no-v": "sgd",
     "dynamic-la": "sgd",
+    # the bi-level look-ahead step is a minibatch step
+    "meta-cb": "sgd", "metalad": "sgd", "meta-cala": "sgd",
 }
 
 
