@@ -53,11 +53,11 @@ import torch
 from torch import nn
 
 from longtail.stages.base import FitContext, Requirement
-from longtail.stages.cala import K, default_tau1
+from longtail.stages.cala import EPOCHS_ADJUSTED, K, default_tau1
 from longtail.stages.calibrate import prior_from_log
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY
+from longtail.stages.heads import BATCH_SIZE, LR, WEIGHT_DECAY
 from longtail.stages.losses import log_prior
 from longtail.stages.losses.cala import cala_loss
 from longtail.stages.meta.characteristics import NUM_CHARACTERISTICS, TrainingCharacteristics
@@ -277,7 +277,11 @@ class MetaCALAHead(MetaHead):
             the pool has them, else KMeans).
         meta_source: ``val`` or ``train`` (held out of train: those rows leave the fit, and the
             neighbour table is then built on the rows that stay, not shared).
-        epochs, lr, batch_size, weight_decay, seed, device: the shared head trainer's.
+        epochs: 100, as ``heuristic-cala`` (whose per-epoch refresh this method's characteristics
+            share); on the demo's ``digits-lt`` features, 100 epochs gave 89.2% balanced accuracy,
+            300 epochs 90.4% (seed 0) and the other meta heads' 5,000-step budget 90.3% (3 seeds) at
+            60 s a fit against 1 s, so no step budget by default (``min_steps`` 0).
+        lr, batch_size, weight_decay, min_steps, seed, device: the shared head trainer's.
 
     There is no plain warm-up (``meta_start = 0``, Algorithm A-2 meta-learns from the first step)
     and a meta step at every step (Table A-5's setting).
@@ -291,11 +295,11 @@ class MetaCALAHead(MetaHead):
                  neighbour_stats: str = "exact", hidden: int = HIDDEN, layers: int = 1, meta_lr: float = META_LR,
                  meta_weight_decay: float = 0.0,
                  meta_batch: int = META_BATCH, groups: int = GROUPS, per_group: int = PER_GROUP,
-                 meta_groups: str = "auto", meta_source: str = "val", epochs: int = EPOCHS, lr: float = LR,
-                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, seed: int = 0,
+                 meta_groups: str = "auto", meta_source: str = "val", epochs: int = EPOCHS_ADJUSTED, lr: float = LR,
+                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, min_steps: int = 0, seed: int = 0,
                  device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         min_steps=min_steps, seed=seed, device=device)
         self.tau1 = tau1
         self.tau2 = tau2
         self.k = k
@@ -473,9 +477,11 @@ class MetaCALAHead(MetaHead):
     def _extra_state(self) -> dict[str, torch.Tensor]:
         out = {f"meta.{k}": torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in self._SAVED}
         out["meta.meta_rows_"] = torch.tensor(int(self.meta_rows_))
+        out["meta.meta_start_epoch_"] = torch.tensor(int(self.meta_start_epoch_))
         return out
 
     def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         for k in self._SAVED:  # KeyError: _load_state's one-line error
             setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
         self.meta_rows_ = int(state["meta.meta_rows_"])
+        self.meta_start_epoch_ = int(state["meta.meta_start_epoch_"])

@@ -95,9 +95,14 @@ class MetaHead(TrainedHead):
         self._meta_set = meta  # handed over, not learned: kept across fits
         return self
 
-    def warmup_epochs(self) -> int:
-        """``floor(meta_start * epochs)``: the plain warm-up before the meta stage."""
-        return stage_epoch(int(self.epochs), float(self.meta_start))
+    def total_epochs(self, ctx: FitContext) -> int:
+        """The epochs the fit runs on its ``sum(ctx.class_counts)`` train rows: ``epochs``, more when
+        ``min_steps`` asks for more steps (the step budget of the minibatch heads, README's solver rule)."""
+        return self.optim_config().total_epochs(int(np.sum(ctx.class_counts)))
+
+    def warmup_epochs(self, ctx: FitContext) -> int:
+        """``floor(meta_start * total epochs)``: the plain warm-up before the meta stage."""
+        return stage_epoch(self.total_epochs(ctx), float(self.meta_start))
 
     # ------------------------------------------------------------------ checks
     def _check_params(self, num_classes: int) -> None:
@@ -152,7 +157,8 @@ class MetaHead(TrainedHead):
         meta = TrainData(self._standardise(torch.tensor(rows.features, device=dev)),
                          torch.tensor(rows.labels, device=dev))
         batches = MetaBatches(meta, int(self.meta_batch), seed=int(self.seed))
-        step = _CheckedStep(BilevelStep(batches, warmup_epochs=self.warmup_epochs()), self)
+        self.meta_start_epoch_ = self.warmup_epochs(ctx)
+        step = _CheckedStep(BilevelStep(batches, warmup_epochs=self.meta_start_epoch_), self)
         objective = self.objective(ctx)
         state = fit_module(self.module_, data, objective, self.optim_config(), generator=generator,
                            sampler=head_sampler(self.sampling, data.balance, ctx.num_classes), step=step,
@@ -167,5 +173,5 @@ class MetaHead(TrainedHead):
     def _meta_summary(self) -> dict[str, Any]:
         """The diagnostics every meta head reports: the meta set and the meta loss per epoch."""
         return {"method": self.name, "meta_source": self.meta_source, "meta_rows": int(self.meta_rows_),
-                "meta_start_epoch": int(self.warmup_epochs()),
+                "meta_start_epoch": int(self.meta_start_epoch_),
                 "meta_loss": [None if not np.isfinite(v) else float(v) for v in self.meta_loss_]}

@@ -38,7 +38,7 @@ from torch import nn
 
 from longtail.stages.base import FitContext
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY, LinearClassifier
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, SGD_MIN_STEPS, WEIGHT_DECAY, LinearClassifier
 from longtail.stages.losses import class_balanced_weights, ldam_margins
 from longtail.stages.meta.head import META_BATCH, META_PER_CLASS, MetaHead
 from longtail.stages.modules import CosineClassifier
@@ -154,6 +154,8 @@ class MetaCBHead(MetaHead):
         loss: ``ce``, ``focal`` or ``ldam``; ``gamma`` (focal), ``max_margin`` and ``scale`` (LDAM).
         meta_per_class: meta rows per class (10, paper 003 §5); ``meta_batch``: rows per meta batch
             (100, the authors' code); ``meta_source``: ``val`` (default) or ``train`` (held out).
+        min_steps: at least this many minibatch steps (5,000, the SGD heads' budget: on small stores
+            ``epochs`` alone is a few dozen steps and leaves the head under-trained); 0: ``epochs``.
         epochs, lr, batch_size, weight_decay, seed, device: the shared head trainer's.
     """
 
@@ -163,9 +165,9 @@ class MetaCBHead(MetaHead):
                  loss: str = "ce", gamma: float = 2.0, max_margin: float = 0.5, scale: float = 30.0,
                  meta_per_class: int = META_PER_CLASS, meta_batch: int = META_BATCH, meta_source: str = "val",
                  epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE,
-                 weight_decay: float = WEIGHT_DECAY, seed: int = 0, device: str = "auto"):
+                 weight_decay: float = WEIGHT_DECAY, min_steps: int = SGD_MIN_STEPS, seed: int = 0, device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         min_steps=min_steps, seed=seed, device=device)
         self.beta = beta
         self.tau = tau
         self.meta_start = meta_start
@@ -208,7 +210,7 @@ class MetaCBHead(MetaHead):
         margins = torch.as_tensor(ldam_margins(counts, float(self.max_margin)), device=ctx.device)
         fn = per_sample_loss(self.loss, gamma=float(self.gamma), margins=margins, scale=float(self.scale))
         return ConditionalWeightObjective(weight=weight.to(torch.float32), tau=self.tau_value(), loss=fn,
-                                      epochs=int(self.epochs))
+                                      epochs=self.total_epochs(ctx))
 
     def _trained(self, objective: ConditionalWeightObjective, ctx: FitContext) -> None:
         out = objective.summary()
@@ -231,12 +233,14 @@ class MetaCBHead(MetaHead):
     def _extra_state(self) -> dict[str, torch.Tensor]:
         out = {f"meta.{k}": torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in self._SAVED}
         out["meta.meta_rows_"] = torch.tensor(int(self.meta_rows_))
+        out["meta.meta_start_epoch_"] = torch.tensor(int(self.meta_start_epoch_))
         return out
 
     def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         for k in self._SAVED:
             setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
         self.meta_rows_ = int(state["meta.meta_rows_"])
+        self.meta_start_epoch_ = int(state["meta.meta_start_epoch_"])
 
     def diagnostics(self, train, val=None, test=None) -> dict[str, Any] | None:
         """``{"meta": ...}``: the per-class mean conditional weight per epoch (paper 003, fig. 3), the

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from longtail.stages.base import FitContext
 from longtail.stages.calibrate import prior_from_log
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, WEIGHT_DECAY
+from longtail.stages.heads import BATCH_SIZE, EPOCHS, LR, SGD_MIN_STEPS, WEIGHT_DECAY
 from longtail.stages.meta.head import META_BATCH, META_PER_CLASS, MetaHead
 from longtail.stages.train.bilevel import MetaObjective, call, optimizer_update
 from longtail.stages.train.data import Batch
@@ -189,6 +189,8 @@ class MetaLADHead(MetaHead):
             240 epochs).
         stats_interval: meta steps between refreshes of the variance term (1).
         meta_per_class, meta_batch, meta_source: the meta set (10 per class from val; batches of 100).
+        min_steps: at least this many minibatch steps (5,000, the SGD heads' budget: on small stores
+            ``epochs`` alone is a few dozen steps and leaves the head under-trained); 0: ``epochs``.
         epochs, lr, batch_size, weight_decay, seed, device: the shared head trainer's.
     """
 
@@ -198,10 +200,10 @@ class MetaLADHead(MetaHead):
     def __init__(self, *, eta2: float = 1e3, terms: Sequence[str] = TERMS, lambda_init: float = 1.0,
                  meta_start: float = 2.0 / 3.0, stats_interval: int = 1, meta_per_class: int = META_PER_CLASS,
                  meta_batch: int = META_BATCH, meta_source: str = "val", epochs: int = EPOCHS, lr: float = LR,
-                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, seed: int = 0,
+                 batch_size: int = BATCH_SIZE, weight_decay: float = WEIGHT_DECAY, min_steps: int = SGD_MIN_STEPS, seed: int = 0,
                  device: str = "auto"):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         seed=seed, device=device)
+                         min_steps=min_steps, seed=seed, device=device)
         self.eta2 = eta2
         self.terms = terms
         self.lambda_init = lambda_init
@@ -237,7 +239,7 @@ class MetaLADHead(MetaHead):
         stats = pair_statistics(data.x, data.y, counts)
         return LogitPerturbationObjective(stats=stats, counts=counts, labels=data.y, terms=self._terms(),
                                           eta2=float(self.eta2), lambda_init=float(self.lambda_init),
-                                          epochs=int(self.epochs), stats_interval=int(self.stats_interval))
+                                          epochs=self.total_epochs(ctx), stats_interval=int(self.stats_interval))
 
     def _train(self, data, generator, ctx) -> None:
         self._data = data  # the standardised rows the statistics are computed from
@@ -270,12 +272,14 @@ class MetaLADHead(MetaHead):
     def _extra_state(self) -> dict[str, torch.Tensor]:
         out = {f"meta.{k}": torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in self._SAVED}
         out["meta.meta_rows_"] = torch.tensor(int(self.meta_rows_))
+        out["meta.meta_start_epoch_"] = torch.tensor(int(self.meta_start_epoch_))
         return out
 
     def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         for k in self._SAVED:
             setattr(self, k, state[f"meta.{k}"].numpy().astype(np.float64))
         self.meta_rows_ = int(state["meta.meta_rows_"])
+        self.meta_start_epoch_ = int(state["meta.meta_start_epoch_"])
 
     def diagnostics(self, train, val=None, test=None) -> dict[str, Any] | None:
         """``{"meta": ...}``: the mean learned coefficient per term and epoch, how far ``Λ`` moved from

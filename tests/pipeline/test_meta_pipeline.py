@@ -8,7 +8,7 @@ from longtail.pipeline.config import parse_config
 from longtail.pipeline.report.meta import meta_sections
 from tests.pipeline.conftest import assert_user_error, invoke
 
-FAST = {"epochs": 4, "batch_size": 32, "meta_start": 0.5, "meta_batch": 20}
+FAST = {"epochs": 4, "min_steps": 0, "batch_size": 32, "meta_start": 0.5, "meta_batch": 20}
 
 
 def test_meta_heads_share_one_meta_set_and_report_what_moved(imported_run, tmp_path, monkeypatch):

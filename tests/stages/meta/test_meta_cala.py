@@ -150,7 +150,7 @@ VAL = split((8, 8, 8, 8), 1, "val")
 TEST_X = split((25, 25, 25, 25), 2, "test").features
 #: explicit minibatch SGD settings (after the merge of the heads' `solver` parameter, whose default
 #: becomes full-batch L-BFGS, both methods of the parity test must also get `solver: sgd`)
-SGD = {"epochs": 5, "lr": 0.1, "batch_size": 16, "seed": 3, "device": "cpu"}
+SGD = {"epochs": 5, "lr": 0.1, "batch_size": 16, "min_steps": 0, "seed": 3, "device": "cpu"}
 
 
 def test_meta_lr_zero_gives_the_logits_of_logit_adjust_with_tau1():
