@@ -122,6 +122,16 @@ def _tied_server(watchdog: subprocess.Popen):
     return TiedServer()
 
 
+def _drain_prefect_workers(timeout: float = 5.0) -> None:
+    """Send what Prefect's background workers still hold (log records, events): once the temporary
+    server is gone they would print "Error logging to API" after the run's own output."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
 @contextlib.contextmanager
 def temporary_prefect_server():
     """The Prefect API of a Prefect-mode run: ``PREFECT_API_URL`` when it is set (yields it);
@@ -148,6 +158,7 @@ def temporary_prefect_server():
             yield server.api_url
     finally:
         try:
+            _drain_prefect_workers()  # the run's last logs and events reach the server before it stops
             server.stop()
         finally:
             watchdog.stdin.close()  # the server is stopped: the watchdog finds nothing left to stop
