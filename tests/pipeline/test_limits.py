@@ -169,6 +169,8 @@ def test_a_python_backbone_that_raises_is_one_line(tmp_path, write_config, monke
 @pytest.mark.parametrize("entry, needle", [
     ({"name": "ce+ts", "params": FAST}, "val split"),
     ({"name": "heuristic-cala", "params": {**FAST, "k": 500}}, "= 500"),
+    ({"name": "dlsa+ce", "params": {"dlsa": {"gate": False, "classifier_input": "x", "num_clusters": 100000}}},
+     "num_clusters = 100000"),
 ])
 def test_data_checks_run_before_the_first_fit(tmp_path, feature_files, write_config, entry, needle):
     store = tmp_path / "noval.zarr"
