@@ -31,7 +31,7 @@ torch and longtail included, so the script also reports the peak RSS of an idle 
 imports torch. Times use ``time.perf_counter`` (with ``torch.cuda.synchronize`` on CUDA), a
 warm-up where it matters and the median of at least ``--repeats`` runs for the short stages; the
 large-set head epochs run once. On the small set a head and its baseline alternate in one
-process.
+process; a store read and ``np.load`` of the same arrays always do (best of the rounds, issue 13).
 
 Shared machines: before each stage the script waits (``--quiet-wait``) until other processes leave
 the CPU, throws away timed runs during which they used more than a quarter of a core (measured
@@ -391,20 +391,38 @@ def stage_digits_npsave(device: str, workdir: str, repeats: int) -> dict:
     return {"seconds": med, "times": times, "rows": rows, "bytes": _nbytes(arrays)}
 
 
-def stage_store_read(device: str, url: str, repeats: int, warmup: int = 1) -> dict:
-    """open_store(url).read(split) for every split (validated FeatureSets)."""
+def stage_store_read(device: str, url: str, folder: str, repeats: int, warmup: int = 1) -> dict:
+    """open_store(url).read(split) for every split (validated FeatureSets), side by side with
+    ``np.load`` of the same arrays from the ``.npy`` files in ``folder``: alternating, in this one
+    process, so that both see the same machine; best of ``repeats`` each (issue 13)."""
+    import numpy as np
+
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npy"))
     result = {}
 
     def read():
         result["sets"] = None  # drop the previous copy before reading the next
-        result["sets"] = _read_all(url)
+        result["sets"] = {s: store.read(s) for s in store.splits}
 
-    med, times = _median_time(read, repeats, device, warmup=warmup)
-    sets = result["sets"]
+    def load():
+        result["arrays"] = None
+        result["arrays"] = [np.load(f) for f in files]
+
+    from longtail.storage.featurestore import open_store
+
+    store = open_store(url)
+    for _ in range(warmup):
+        read()
+        load()
+    (t_read, t_load), _ = _quiet_rounds([read, load], repeats, "cpu")
+    sets, arrays = result["sets"], result["arrays"]
     rows = sum(len(fs) for fs in sets.values())
     nbytes = sum(fs.features.nbytes + fs.labels.nbytes + (fs.index.nbytes if fs.index is not None else 0)
                  for fs in sets.values())
-    return {"seconds": med, "times": times, "rows": rows, "bytes": nbytes}
+    load_rows = sum(len(a) for a, f in zip(arrays, files) if f.endswith("_labels.npy"))
+    return {"seconds": min(t_read), "times": t_read, "rows": rows, "bytes": nbytes,
+            "npload": {"seconds": min(t_load), "times": t_load, "rows": load_rows,
+                       "bytes": sum(a.nbytes for a in arrays)}}
 
 
 def stage_npload(device: str, folder: str, repeats: int, warmup: int = 1) -> dict:
@@ -727,8 +745,9 @@ def bench_digits(workdir: str, device: str, heads: list[str], repeats: int) -> d
     r["write"] = run_stage("digits_store_write", device=device, workdir=workdir, repeats=repeats)
     r["npsave"] = run_stage("digits_npsave", device=device, workdir=workdir, repeats=repeats)
     url = os.path.join(workdir, "digits.zarr")
-    r["read"] = run_stage("store_read", device=device, url=url, repeats=repeats * 2)
-    r["npload"] = run_stage("npload", device=device, folder=os.path.join(workdir, "digits_npy"), repeats=repeats * 2)
+    folder = os.path.join(workdir, "digits_npy")
+    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=repeats * 2)
+    r["npload"] = run_stage("npload", device=device, folder=folder, repeats=repeats * 2)  # its own peak RSS
     r["heads"] = {h: _run_head(device=device, url=url, name=h, epochs=None, repeats=repeats, warmup=1)
                   for h in heads}
     r["baselines"] = _standalone_baselines(r["heads"], device, url, repeats=repeats, warmup=1)
@@ -742,9 +761,9 @@ def bench_synthetic(workdir: str, device: str, heads: list[str], epochs: int, re
     r["npsave"] = run_stage("synth_npsave", device=device, workdir=workdir)
     url = os.path.join(workdir, "synthetic.zarr")
     big = max(1, min(repeats, 3))  # about 1.2 GB per read: three runs, no warm-up
-    r["read"] = run_stage("store_read", device=device, url=url, repeats=big, warmup=0)
-    r["npload"] = run_stage("npload", device=device, folder=os.path.join(workdir, "synthetic_npy"), repeats=big,
-                            warmup=0)
+    folder = os.path.join(workdir, "synthetic_npy")
+    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=big, warmup=0)
+    r["npload"] = run_stage("npload", device=device, folder=folder, repeats=big, warmup=0)  # its own peak RSS
     # the baseline runs before and after the heads, in its own process each time; the faster run
     # is the one least slowed by other processes (a shared machine only ever slows a run down)
     keys = {_optim_key(epochs=epochs, name=h) for h in heads}
@@ -845,6 +864,16 @@ def _io_row(label: str, r: dict, base: dict | None, base_label: str) -> str:
     return f"| {label} | {fmt_s(r['seconds'])}{mark(r)} | {thr} | {ratio} | {fmt_mib(r)} |"
 
 
+def _read_rows(label: str, r: dict) -> list[str]:
+    """The store-read row and its ``np.load`` baseline: both timed side by side in the read's
+    process (best of its rounds); the baseline's peak RSS from its own process."""
+    read = r["read"]
+    base = {**r["npload"], **read["npload"]} if "npload" in read else r["npload"]
+    n = len(read["times"])
+    return [_io_row(f"{label}; best of {n}, alternating with `np.load` in one process)", read, base, "`np.load`"),
+            _io_row("`np.load` of the same arrays (same process; peak RSS: its own)", base, None, "")]
+
+
 HEAD_HEADER = ("| head | epochs | {t} | {b} | ratio | test bal. acc. (%) | many / medium / few (%) "
                "| peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
 
@@ -889,7 +918,8 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
         "Peak RSS is `ru_maxrss` of a fresh process that ran only that stage: the whole process, Python and torch "
         f"included; an idle process that only imports torch peaks at {idle['rss_mib']:,.0f} MiB, subtract that for "
         f"the stage's own memory. Short stages: median of at least {args.repeats} runs ({2 * args.repeats} for "
-        "extraction and the small store reads) after a warm-up; store I/O goes through the page cache (no fsync)."
+        "extraction) after a warm-up; store reads: the best run, alternating with `np.load` of the same arrays in "
+        "one process; store I/O goes through the page cache (no fsync)."
         + _contended(_all_results(digits, synth)),
     ]
     if digits:
@@ -911,8 +941,7 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
             _io_row("store write (`FeatureStoreWriter`, 256-row chunks, 3 splits)", d["write"], d["npsave"],
                     "`np.save`"),
             _io_row("`np.save` of the same arrays", d["npsave"], None, ""),
-            _io_row("store read (`open_store(...).read`, 3 splits)", d["read"], d["npload"], "`np.load`"),
-            _io_row("`np.load` of the same arrays", d["npload"], None, ""),
+            *_read_rows("store read (`open_store(...).read`, 3 splits", d),
             "",
             f"Heads on {DIGITS}: `make_method(name, {{\"seed\": 0, \"device\": ...}}).fit(train, val)` with the "
             "default epochs, median fit time; test accuracies after that fit.",
@@ -938,9 +967,7 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
             "|---|---|---|---|---|",
             _io_row("store write (`FeatureStoreWriter`, 4,096-row chunks, 3 splits)", w, s["npsave"], "`np.save`"),
             _io_row("`np.save` of the same arrays", s["npsave"], None, ""),
-            _io_row(f"store read (`open_store(...).read`, 3 splits; median of {len(s['read']['times'])})", s["read"],
-                    s["npload"], "`np.load`"),
-            _io_row("`np.load` of the same arrays", s["npload"], None, ""),
+            *_read_rows("store read (`open_store(...).read`, 3 splits", s),
         ]
         if "evaluate" in s:
             e = s["evaluate"]
