@@ -401,12 +401,17 @@ def stage_store_read(device: str, url: str, folder: str, repeats: int, warmup: i
     result = {}
 
     def read():
-        result["sets"] = None  # drop the previous copy before reading the next
-        result["sets"] = {s: store.read(s) for s in store.splits}
+        result.clear()  # drop the previous copies (of both) before reading: one copy alive at a time
+        sets = {s: store.read(s) for s in store.splits}
+        result["rows"] = sum(len(fs) for fs in sets.values())
+        result["bytes"] = sum(fs.features.nbytes + fs.labels.nbytes + (fs.index.nbytes if fs.index is not None
+                                                                       else 0) for fs in sets.values())
 
     def load():
-        result["arrays"] = None
-        result["arrays"] = [np.load(f) for f in files]
+        result.pop("arrays", None)
+        arrays = [np.load(f) for f in files]
+        result["load_rows"] = sum(len(a) for a, f in zip(arrays, files) if f.endswith("_labels.npy"))
+        result["load_bytes"] = sum(a.nbytes for a in arrays)
 
     from longtail.storage.featurestore import open_store
 
@@ -415,14 +420,55 @@ def stage_store_read(device: str, url: str, folder: str, repeats: int, warmup: i
         read()
         load()
     (t_read, t_load), _ = _quiet_rounds([read, load], repeats, "cpu")
-    sets, arrays = result["sets"], result["arrays"]
-    rows = sum(len(fs) for fs in sets.values())
-    nbytes = sum(fs.features.nbytes + fs.labels.nbytes + (fs.index.nbytes if fs.index is not None else 0)
-                 for fs in sets.values())
-    load_rows = sum(len(a) for a, f in zip(arrays, files) if f.endswith("_labels.npy"))
-    return {"seconds": min(t_read), "times": t_read, "rows": rows, "bytes": nbytes,
-            "npload": {"seconds": min(t_load), "times": t_load, "rows": load_rows,
-                       "bytes": sum(a.nbytes for a in arrays)}}
+    return {"seconds": min(t_read), "times": t_read, "rows": result["rows"], "bytes": result["bytes"],
+            "npload": {"seconds": min(t_load), "times": t_load, "rows": result["load_rows"],
+                       "bytes": result["load_bytes"]}}
+
+
+def stage_store_read_train(device: str, workdir: str, rows: int, dim: int, repeats: int) -> dict:
+    """The train split alone of a ``rows`` x ``dim`` store (seeded Gaussians, 100 classes, written
+    with FeatureStoreWriter; val and test of 1/20 and 1/10 the rows), read side by side with
+    ``np.load`` of the same array in this one process after a warm-up; best of ``repeats`` each."""
+    import numpy as np
+
+    from longtail.storage.featurestore import FeatureStoreWriter, open_store
+
+    rng = np.random.default_rng(0)
+    sizes = {"train": rows, "val": rows // 20, "test": rows // 10}
+    url = os.path.join(workdir, f"train_{rows}x{dim}.zarr")
+    labels = {s: rng.integers(0, 100, n) for s, n in sizes.items()}
+    for lab in labels.values():
+        lab[:100] = np.arange(100)
+    w = FeatureStoreWriter(url, class_names=[str(c) for c in range(100)],
+                           class_counts=np.bincount(labels["train"], minlength=100), backbone={"kind": "bench"},
+                           backbone_hash="b", dataset_fingerprint="d", feature_dim=dim, splits=sizes)
+    npy = os.path.join(workdir, f"train_{rows}x{dim}.npy")
+    for split, n in sizes.items():
+        x = rng.standard_normal(size=(n, dim), dtype=np.float32)
+        w.begin_split(split)
+        w.write_chunk(split, x, labels[split])
+        w.end_split(split)
+        if split == "train":
+            np.save(npy, x)
+        del x
+    w.finish()
+    store = open_store(url)
+    holder = {}
+
+    def read():
+        holder.clear()
+        holder["x"] = store.read("train").features
+
+    def load():
+        holder.clear()
+        holder["x"] = np.load(npy)
+
+    read()
+    load()
+    (t_read, t_load), _ = _quiet_rounds([read, load], repeats, "cpu")
+    nbytes = rows * dim * 4
+    return {"seconds": min(t_read), "times": t_read, "rows": rows, "bytes": nbytes, "dim": dim,
+            "npload": {"seconds": min(t_load), "times": t_load, "rows": rows, "bytes": nbytes}}
 
 
 def stage_npload(device: str, folder: str, repeats: int, warmup: int = 1) -> dict:
@@ -660,6 +706,7 @@ STAGES = {
     "digits_store_write": stage_digits_store_write,
     "digits_npsave": stage_digits_npsave,
     "store_read": stage_store_read,
+    "store_read_train": stage_store_read_train,
     "npload": stage_npload,
     "head": stage_head,
     "plain_ce": stage_plain_ce,
@@ -762,8 +809,11 @@ def bench_synthetic(workdir: str, device: str, heads: list[str], epochs: int, re
     url = os.path.join(workdir, "synthetic.zarr")
     big = max(1, min(repeats, 3))  # about 1.2 GB per read: three runs, no warm-up
     folder = os.path.join(workdir, "synthetic_npy")
-    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=big, warmup=0)
+    # one warm-up round (a read is under half a second now): the first touches the page cache
+    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=big, warmup=1)
     r["npload"] = run_stage("npload", device=device, folder=folder, repeats=big, warmup=0)  # its own peak RSS
+    r["read_train"] = run_stage("store_read_train", device=device, workdir=workdir, rows=100_000, dim=512,
+                                repeats=big)
     # the baseline runs before and after the heads, in its own process each time; the faster run
     # is the one least slowed by other processes (a shared machine only ever slows a run down)
     keys = {_optim_key(epochs=epochs, name=h) for h in heads}
@@ -874,6 +924,14 @@ def _read_rows(label: str, r: dict) -> list[str]:
             _io_row("`np.load` of the same arrays (same process; peak RSS: its own)", base, None, "")]
 
 
+def _read_train_rows(r: dict) -> list[str]:
+    """The train-only read of the seeded ``rows`` x ``dim`` store and its ``np.load`` baseline."""
+    label = (f"store read, train split only: {r['rows']:,} x {r['dim']} float32, seeded Gaussians (best of "
+             f"{len(r['times'])}, alternating with `np.load` in one process)")
+    return [_io_row(label, r, r["npload"], "`np.load`"),
+            _io_row("`np.load` of the same array (same process)", {**r["npload"], "rss_mib": r["rss_mib"]}, None, "")]
+
+
 HEAD_HEADER = ("| head | epochs | {t} | {b} | ratio | test bal. acc. (%) | many / medium / few (%) "
                "| peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
 
@@ -968,6 +1026,7 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
             _io_row("store write (`FeatureStoreWriter`, 4,096-row chunks, 3 splits)", w, s["npsave"], "`np.save`"),
             _io_row("`np.save` of the same arrays", s["npsave"], None, ""),
             *_read_rows("store read (`open_store(...).read`, 3 splits", s),
+            *(_read_train_rows(s["read_train"]) if "read_train" in s else []),
         ]
         if "evaluate" in s:
             e = s["evaluate"]
