@@ -254,7 +254,8 @@ class FeatureStore:
         first, last = codecs
         endian = getattr(getattr(first, "endian", None), "value", None)
         return (type(first).__name__ == "BytesCodec" and (endian == "little" or arr.dtype.itemsize == 1)
-                and type(last).__name__ == "Crc32cCodec" and type(arr.metadata.chunk_grid).__name__ == "RegularChunkGrid")
+                and type(last).__name__ == "Crc32cCodec"
+                and type(arr.metadata.chunk_grid).__name__ == "RegularChunkGrid")
 
     def _read_raw(self, split: str, key: str, start: int | None, stop: int | None) -> np.ndarray:
         """Rows ``start:stop`` of a :meth:`_raw` array, read chunk file by chunk file straight into
