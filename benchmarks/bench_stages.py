@@ -31,7 +31,7 @@ torch and longtail included, so the script also reports the peak RSS of an idle 
 imports torch. Times use ``time.perf_counter`` (with ``torch.cuda.synchronize`` on CUDA), a
 warm-up where it matters and the median of at least ``--repeats`` runs for the short stages; the
 large-set head epochs run once. On the small set a head and its baseline alternate in one
-process.
+process; a store read and ``np.load`` of the same arrays always do (best of the rounds, issue 13).
 
 Shared machines: before each stage the script waits (``--quiet-wait``) until other processes leave
 the CPU, throws away timed runs during which they used more than a quarter of a core (measured
@@ -391,20 +391,84 @@ def stage_digits_npsave(device: str, workdir: str, repeats: int) -> dict:
     return {"seconds": med, "times": times, "rows": rows, "bytes": _nbytes(arrays)}
 
 
-def stage_store_read(device: str, url: str, repeats: int, warmup: int = 1) -> dict:
-    """open_store(url).read(split) for every split (validated FeatureSets)."""
+def stage_store_read(device: str, url: str, folder: str, repeats: int, warmup: int = 1) -> dict:
+    """open_store(url).read(split) for every split (validated FeatureSets), side by side with
+    ``np.load`` of the same arrays from the ``.npy`` files in ``folder``: alternating, in this one
+    process, so that both see the same machine; best of ``repeats`` each (issue 13)."""
+    import numpy as np
+
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npy"))
     result = {}
 
     def read():
-        result["sets"] = None  # drop the previous copy before reading the next
-        result["sets"] = _read_all(url)
+        result.clear()  # drop the previous copies (of both) before reading: one copy alive at a time
+        sets = {s: store.read(s) for s in store.splits}
+        result["rows"] = sum(len(fs) for fs in sets.values())
+        result["bytes"] = sum(fs.features.nbytes + fs.labels.nbytes + (fs.index.nbytes if fs.index is not None
+                                                                       else 0) for fs in sets.values())
 
-    med, times = _median_time(read, repeats, device, warmup=warmup)
-    sets = result["sets"]
-    rows = sum(len(fs) for fs in sets.values())
-    nbytes = sum(fs.features.nbytes + fs.labels.nbytes + (fs.index.nbytes if fs.index is not None else 0)
-                 for fs in sets.values())
-    return {"seconds": med, "times": times, "rows": rows, "bytes": nbytes}
+    def load():
+        result.pop("arrays", None)
+        arrays = [np.load(f) for f in files]
+        result["load_rows"] = sum(len(a) for a, f in zip(arrays, files) if f.endswith("_labels.npy"))
+        result["load_bytes"] = sum(a.nbytes for a in arrays)
+
+    from longtail.storage.featurestore import open_store
+
+    store = open_store(url)
+    for _ in range(warmup):
+        read()
+        load()
+    (t_read, t_load), _ = _quiet_rounds([read, load], repeats, "cpu")
+    return {"seconds": min(t_read), "times": t_read, "rows": result["rows"], "bytes": result["bytes"],
+            "npload": {"seconds": min(t_load), "times": t_load, "rows": result["load_rows"],
+                       "bytes": result["load_bytes"]}}
+
+
+def stage_store_read_train(device: str, workdir: str, rows: int, dim: int, repeats: int) -> dict:
+    """The train split alone of a ``rows`` x ``dim`` store (seeded Gaussians, 100 classes, written
+    with FeatureStoreWriter; val and test of 1/20 and 1/10 the rows), read side by side with
+    ``np.load`` of the same array in this one process after a warm-up; best of ``repeats`` each."""
+    import numpy as np
+
+    from longtail.storage.featurestore import FeatureStoreWriter, open_store
+
+    rng = np.random.default_rng(0)
+    sizes = {"train": rows, "val": rows // 20, "test": rows // 10}
+    url = os.path.join(workdir, f"train_{rows}x{dim}.zarr")
+    labels = {s: rng.integers(0, 100, n) for s, n in sizes.items()}
+    for lab in labels.values():
+        lab[:100] = np.arange(100)
+    w = FeatureStoreWriter(url, class_names=[str(c) for c in range(100)],
+                           class_counts=np.bincount(labels["train"], minlength=100), backbone={"kind": "bench"},
+                           backbone_hash="b", dataset_fingerprint="d", feature_dim=dim, splits=sizes)
+    npy = os.path.join(workdir, f"train_{rows}x{dim}.npy")
+    for split, n in sizes.items():
+        x = rng.standard_normal(size=(n, dim), dtype=np.float32)
+        w.begin_split(split)
+        w.write_chunk(split, x, labels[split])
+        w.end_split(split)
+        if split == "train":
+            np.save(npy, x)
+        del x
+    w.finish()
+    store = open_store(url)
+    holder = {}
+
+    def read():
+        holder.clear()
+        holder["x"] = store.read("train").features
+
+    def load():
+        holder.clear()
+        holder["x"] = np.load(npy)
+
+    read()
+    load()
+    (t_read, t_load), _ = _quiet_rounds([read, load], repeats, "cpu")
+    nbytes = rows * dim * 4
+    return {"seconds": min(t_read), "times": t_read, "rows": rows, "bytes": nbytes, "dim": dim,
+            "npload": {"seconds": min(t_load), "times": t_load, "rows": rows, "bytes": nbytes}}
 
 
 def stage_npload(device: str, folder: str, repeats: int, warmup: int = 1) -> dict:
@@ -642,6 +706,7 @@ STAGES = {
     "digits_store_write": stage_digits_store_write,
     "digits_npsave": stage_digits_npsave,
     "store_read": stage_store_read,
+    "store_read_train": stage_store_read_train,
     "npload": stage_npload,
     "head": stage_head,
     "plain_ce": stage_plain_ce,
@@ -727,8 +792,9 @@ def bench_digits(workdir: str, device: str, heads: list[str], repeats: int) -> d
     r["write"] = run_stage("digits_store_write", device=device, workdir=workdir, repeats=repeats)
     r["npsave"] = run_stage("digits_npsave", device=device, workdir=workdir, repeats=repeats)
     url = os.path.join(workdir, "digits.zarr")
-    r["read"] = run_stage("store_read", device=device, url=url, repeats=repeats * 2)
-    r["npload"] = run_stage("npload", device=device, folder=os.path.join(workdir, "digits_npy"), repeats=repeats * 2)
+    folder = os.path.join(workdir, "digits_npy")
+    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=repeats * 2)
+    r["npload"] = run_stage("npload", device=device, folder=folder, repeats=repeats * 2)  # its own peak RSS
     r["heads"] = {h: _run_head(device=device, url=url, name=h, epochs=None, repeats=repeats, warmup=1)
                   for h in heads}
     r["baselines"] = _standalone_baselines(r["heads"], device, url, repeats=repeats, warmup=1)
@@ -742,9 +808,12 @@ def bench_synthetic(workdir: str, device: str, heads: list[str], epochs: int, re
     r["npsave"] = run_stage("synth_npsave", device=device, workdir=workdir)
     url = os.path.join(workdir, "synthetic.zarr")
     big = max(1, min(repeats, 3))  # about 1.2 GB per read: three runs, no warm-up
-    r["read"] = run_stage("store_read", device=device, url=url, repeats=big, warmup=0)
-    r["npload"] = run_stage("npload", device=device, folder=os.path.join(workdir, "synthetic_npy"), repeats=big,
-                            warmup=0)
+    folder = os.path.join(workdir, "synthetic_npy")
+    # one warm-up round (a read is under half a second now): the first touches the page cache
+    r["read"] = run_stage("store_read", device=device, url=url, folder=folder, repeats=big, warmup=1)
+    r["npload"] = run_stage("npload", device=device, folder=folder, repeats=big, warmup=0)  # its own peak RSS
+    r["read_train"] = run_stage("store_read_train", device=device, workdir=workdir, rows=100_000, dim=512,
+                                repeats=big)
     # the baseline runs before and after the heads, in its own process each time; the faster run
     # is the one least slowed by other processes (a shared machine only ever slows a run down)
     keys = {_optim_key(epochs=epochs, name=h) for h in heads}
@@ -845,6 +914,24 @@ def _io_row(label: str, r: dict, base: dict | None, base_label: str) -> str:
     return f"| {label} | {fmt_s(r['seconds'])}{mark(r)} | {thr} | {ratio} | {fmt_mib(r)} |"
 
 
+def _read_rows(label: str, r: dict) -> list[str]:
+    """The store-read row and its ``np.load`` baseline: both timed side by side in the read's
+    process (best of its rounds); the baseline's peak RSS from its own process."""
+    read = r["read"]
+    base = {**r["npload"], **read["npload"]} if "npload" in read else r["npload"]
+    n = len(read["times"])
+    return [_io_row(f"{label}; best of {n}, alternating with `np.load` in one process)", read, base, "`np.load`"),
+            _io_row("`np.load` of the same arrays (same process; peak RSS: its own)", base, None, "")]
+
+
+def _read_train_rows(r: dict) -> list[str]:
+    """The train-only read of the seeded ``rows`` x ``dim`` store and its ``np.load`` baseline."""
+    label = (f"store read, train split only: {r['rows']:,} x {r['dim']} float32, seeded Gaussians (best of "
+             f"{len(r['times'])}, alternating with `np.load` in one process)")
+    return [_io_row(label, r, r["npload"], "`np.load`"),
+            _io_row("`np.load` of the same array (same process)", {**r["npload"], "rss_mib": r["rss_mib"]}, None, "")]
+
+
 HEAD_HEADER = ("| head | epochs | {t} | {b} | ratio | test bal. acc. (%) | many / medium / few (%) "
                "| peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
 
@@ -889,7 +976,8 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
         "Peak RSS is `ru_maxrss` of a fresh process that ran only that stage: the whole process, Python and torch "
         f"included; an idle process that only imports torch peaks at {idle['rss_mib']:,.0f} MiB, subtract that for "
         f"the stage's own memory. Short stages: median of at least {args.repeats} runs ({2 * args.repeats} for "
-        "extraction and the small store reads) after a warm-up; store I/O goes through the page cache (no fsync)."
+        "extraction) after a warm-up; store reads: the best run, alternating with `np.load` of the same arrays in "
+        "one process; store I/O goes through the page cache (no fsync)."
         + _contended(_all_results(digits, synth)),
     ]
     if digits:
@@ -911,8 +999,7 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
             _io_row("store write (`FeatureStoreWriter`, 256-row chunks, 3 splits)", d["write"], d["npsave"],
                     "`np.save`"),
             _io_row("`np.save` of the same arrays", d["npsave"], None, ""),
-            _io_row("store read (`open_store(...).read`, 3 splits)", d["read"], d["npload"], "`np.load`"),
-            _io_row("`np.load` of the same arrays", d["npload"], None, ""),
+            *_read_rows("store read (`open_store(...).read`, 3 splits", d),
             "",
             f"Heads on {DIGITS}: `make_method(name, {{\"seed\": 0, \"device\": ...}}).fit(train, val)` with the "
             "default epochs, median fit time; test accuracies after that fit.",
@@ -938,9 +1025,8 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
             "|---|---|---|---|---|",
             _io_row("store write (`FeatureStoreWriter`, 4,096-row chunks, 3 splits)", w, s["npsave"], "`np.save`"),
             _io_row("`np.save` of the same arrays", s["npsave"], None, ""),
-            _io_row(f"store read (`open_store(...).read`, 3 splits; median of {len(s['read']['times'])})", s["read"],
-                    s["npload"], "`np.load`"),
-            _io_row("`np.load` of the same arrays", s["npload"], None, ""),
+            *_read_rows("store read (`open_store(...).read`, 3 splits", s),
+            *(_read_train_rows(s["read_train"]) if "read_train" in s else []),
         ]
         if "evaluate" in s:
             e = s["evaluate"]

@@ -7,7 +7,7 @@ rejects the same bad input with the same message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,11 @@ class FeatureSet:
         index: optional ``(N,)`` int64 sample index into the original dataset.
         name: the split's name (``train``, ``val``, ``test``), used in error messages.
         source: where it came from (a store URL or file), used in error messages.
+
+    ``features_checked`` (init-only, not a field): the caller has already checked that
+    ``features`` is finite float32 (the feature store, for chunks checksummed against what its
+    writer checked); the scan over every value is skipped. ``dataclasses.replace`` does not carry
+    it over: a replaced set is checked again.
     """
 
     features: np.ndarray
@@ -39,8 +44,9 @@ class FeatureSet:
     name: str = "split"
     source: str = ""
     meta: dict = field(default_factory=dict)
+    features_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, features_checked: bool = False) -> None:
         where = f"{self.source}: split {self.name!r}" if self.source else f"split {self.name!r}"
         feats = np.asarray(self.features)
         if feats.ndim != 2:
@@ -51,7 +57,7 @@ class FeatureSet:
             raise LongtailError(f"{where}: features have dimension 0")
         if feats.dtype != np.float32:
             feats = feats.astype(np.float32)
-        if not np.isfinite(feats).all():
+        if not (features_checked and feats is self.features) and not np.isfinite(feats).all():
             bad = int((~np.isfinite(feats)).any(axis=1).sum())
             raise LongtailError(f"{where}: {bad} sample(s) have NaN or infinite features")
         object.__setattr__(self, "features", feats)

@@ -18,10 +18,13 @@ Layout (one Zarr v3 group, opened by URL through fsspec)::
         complete                true                            } after every split is complete
     <url>/<split>/              one group per split (train, val, test; val optional; more named
                                 splits such as ``deploy`` allowed), attributes rows_planned, then
-                                on completion: complete, rows, fingerprint
-        features                (N, D) float32, chunked by rows, NaN fill (a lost chunk reads NaN);
-                                codecs Blosc LZ4 then CRC-32C (every array written by this version
-                                ends with a CRC-32C checksum per chunk; older stores have none)
+                                on completion: complete, rows, fingerprint, features_finite
+        features                (N, D) float32, chunked by rows (about 8 MiB a chunk), NaN fill;
+                                codecs ``bytes`` (little-endian) then ``crc32c``: every chunk is
+                                stored uncompressed, followed by its CRC-32C (every array written
+                                by this version; stores written under issue 14 have Blosc LZ4, or
+                                Zstandard for the 1-D arrays, before the checksum, and older ones
+                                no checksum; both still read)
         labels                  (N,) int64, -1 fill, only where has_labels[split]: an unlabelled
                                 split (deployment data for prior estimation) has no labels array
                                 at all, rather than one filled with a sentinel that a reader
@@ -47,9 +50,14 @@ second writer waits, then reuses what the first completed or resumes what it lef
 ``has_labels`` as "every split labelled", so an interrupted store written before the key existed
 still resumes under an all-labelled plan.
 Reading: :func:`open_store` returns a :class:`FeatureStore`; :meth:`FeatureStore.read` gives a
-validated :class:`~stages.data.FeatureSet`. A chunk whose checksum fails (or, in an older store
-without checksums, whose Blosc header disagrees with its size: a truncated chunk) is refused before
-it is decompressed, naming the chunk; :meth:`FeatureStore.verify` re-hashes every split in one
+validated :class:`~stages.data.FeatureSet`. Arrays of the uncompressed layout are read without
+zarr, chunk file by chunk file straight into one preallocated array, each chunk checksummed as it
+is read (a missing, truncated or padded chunk file, or one whose checksum fails, is refused naming
+the chunk); their split records (``features_finite``) that the writer checked every feature
+finite, so the read does not scan every value again (an edit made afterwards through another
+client is what :meth:`FeatureStore.verify` is for). Older layouts read through zarr and are
+scanned. A chunk whose checksum fails (or, in an older store without checksums, whose Blosc header
+disagrees with its size: a truncated chunk) is refused before it is decompressed, naming the chunk; :meth:`FeatureStore.verify` re-hashes every split in one
 streaming pass against the recorded fingerprints and counts the train labels against the recorded
 class counts (the pipeline runs it when a run first opens a store). A missing, interrupted, corrupt or unknown-version
 store raises :class:`~stages.errors.LongtailError` naming the URL (and split); a corrupt one

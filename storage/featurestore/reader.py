@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,13 +12,16 @@ import numpy as np
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
 from longtail.storage.featurestore.hashing import SplitHash
-from longtail.storage.featurestore.schema import SCHEMA_VERSION, CorruptStoreError, StorePlan
+from longtail.storage.featurestore.schema import FINITE_ATTR, SCHEMA_VERSION, CorruptStoreError, StorePlan
 from longtail.storage.featurestore.status import root_attrs
-from longtail.storage.fs import join, resolve, zarr_store
+from longtail.storage.fs import is_local, join, resolve, zarr_store
 
 #: bytes of a Blosc (v1) chunk header: version, versionlz, flags, typesize, nbytes, blocksize, cbytes
 _BLOSC_HEADER = 16
 REBUILD = "rebuild the store (or import it again)"
+#: bytes read (and checksummed) at a time by the direct chunk reader: small enough that the checksum
+#: reads them back from the CPU cache, not from memory (256 KiB measured fastest on 2 cores)
+_PIECE = 256 << 10
 
 def open_store(url: str, *, storage_options: dict | None = None) -> "FeatureStore":
     """Opens a complete feature store for reading.
@@ -239,8 +243,94 @@ class FeatureStore:
                 return f"{split}/{key}/{chunk} {why}"
         return None
 
+    def _raw(self, split: str, key: str) -> bool:
+        """Whether ``key`` has the layout of :data:`~storage.featurestore.schema.RAW_CHUNKS`
+        (codecs exactly ``bytes`` little-endian then ``crc32c``, a regular chunk grid), which
+        :meth:`_read_raw` reads without zarr, on a little-endian machine."""
+        arr = self._arrays[split][key]
+        codecs = getattr(arr.metadata, "codecs", ())
+        if sys.byteorder != "little" or len(codecs) != 2 or arr.dtype.byteorder == ">":
+            return False
+        first, last = codecs
+        endian = getattr(getattr(first, "endian", None), "value", None)
+        return (type(first).__name__ == "BytesCodec" and (endian == "little" or arr.dtype.itemsize == 1)
+                and type(last).__name__ == "Crc32cCodec"
+                and type(arr.metadata.chunk_grid).__name__ == "RegularChunkGrid")
+
+    def _read_raw(self, split: str, key: str, start: int | None, stop: int | None) -> np.ndarray:
+        """Rows ``start:stop`` of a :meth:`_raw` array, read chunk file by chunk file straight into
+        one preallocated array (a chunk wholly inside the range is read in place; the part-used
+        first or last chunk goes through a scratch buffer), each checked as it is read: its size,
+        and its CRC-32C, computed over pieces of :data:`_PIECE` bytes while they are in the CPU
+        cache. A missing, truncated, padded or corrupt chunk raises CorruptStoreError naming it
+        (zarr would read a missing chunk as its fill value)."""
+        import google_crc32c
+
+        arr = self._arrays[split][key]
+        n, rows = int(arr.shape[0]), int(arr.chunks[0])
+        lo, hi = (start or 0), (n if stop is None else min(stop, n))
+        out = np.empty((max(hi - lo, 0),) + tuple(arr.shape[1:]), dtype=arr.dtype.newbyteorder("<"))
+        if hi <= lo:
+            return out
+        flat = out.reshape(-1).view(np.uint8)
+        row_bytes = flat.size // (hi - lo)
+        nbytes = rows * row_bytes
+        if self._fs_path is None:
+            self._fs_path = resolve(self.url, self._storage_options)
+        fs = self._fs_path[0]
+        local = is_local(fs)
+        scratch = None
+        for i, (chunk, _) in enumerate(self._chunk_keys(split, key, lo, hi), start=lo // rows):
+            c0 = i * rows
+            a, b = max(lo, c0), min(hi, c0 + rows)
+            if a == c0 and b == c0 + rows:
+                buf = flat[(a - lo) * row_bytes:(b - lo) * row_bytes]
+            else:
+                scratch = np.empty(nbytes, np.uint8) if scratch is None else scratch
+                buf = scratch
+            path = self._chunk_path(split, key, chunk)
+            where = f"{split}/{key}/{chunk}"
+            try:
+                if local:
+                    with open(path, "rb", buffering=0) as f:
+                        crc = 0
+                        for o in range(0, nbytes, _PIECE):
+                            piece = buf[o:o + _PIECE]
+                            got = f.readinto(piece) or 0
+                            while 0 < got < piece.size:  # a short read before the end: rare
+                                more = f.readinto(piece[got:])
+                                if not more:
+                                    break
+                                got += more
+                            if got != piece.size:
+                                raise self._corrupt(f"chunk {where} is truncated (under {nbytes + 4} bytes); {REBUILD}")
+                            crc = google_crc32c.extend(crc, piece)
+                        tail = f.read(5)
+                else:
+                    data = fs.cat_file(path)
+                    if len(data) >= nbytes:
+                        buf[:] = np.frombuffer(data, np.uint8, nbytes)
+                    crc = google_crc32c.value(buf) if len(data) >= nbytes else 0
+                    tail = bytes(data[nbytes:nbytes + 5]) if len(data) >= nbytes else b""
+            except FileNotFoundError:
+                raise self._corrupt(f"chunk {where} is missing; {REBUILD}") from None
+            except OSError as e:
+                raise self._corrupt(f"chunk {where} cannot be read ({type(e).__name__}: {e}); {REBUILD}") from e
+            if len(tail) != 4:
+                raise self._corrupt(f"chunk {where} is truncated or padded (a chunk is {nbytes + 4} bytes); {REBUILD}")
+            if crc != int.from_bytes(tail, "little"):
+                raise self._corrupt(f"chunk {where} fails its checksum; {REBUILD}")
+            if buf is scratch:
+                flat[(a - lo) * row_bytes:(b - lo) * row_bytes] = scratch[(a - c0) * row_bytes:(b - c0) * row_bytes]
+        return out
+
     def _read(self, split: str, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         self._group(split)
+        if self._raw(split, key):
+            out = self._read_raw(split, key, start, stop)
+            if key in ("attributes", "index") and out.size and out.min() < 0:
+                raise self._corrupt(f"split {split!r}: {key!r} has negative entries")
+            return out
         if not self._checksummed(split, key):
             self._check_blosc_headers(split, key, start, stop)
         try:
@@ -256,9 +346,14 @@ class FeatureStore:
 
     def _feature_set(self, split: str, name: str, start: int | None, stop: int | None) -> FeatureSet:
         attrs = self._read(split, "attributes", start, stop) if self.has_attributes(split) else None
+        feats = self._read(split, "features", start, stop)
+        # read chunk by chunk with every chunk present and its checksum verified, from a split whose
+        # writer checked every value finite: the FeatureSet need not scan them all again
+        checked = self._raw(split, "features") and self._groups[split].attrs.get(FINITE_ATTR) is True
         try:
             return FeatureSet(
-                features=self._read(split, "features", start, stop),
+                features=feats,
+                features_checked=checked,
                 labels=self._read(split, "labels", start, stop) if self.has_labels(split) else None,
                 class_counts=self.class_counts,
                 class_names=self.class_names,

@@ -44,19 +44,35 @@ SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 RESERVED_ATTRS = frozenset(PLAN_KEYS) | {"schema_version", "complete", "fingerprint"}
 #: target uncompressed size of one chunk of ``features`` (and of the 1-D arrays)
 TARGET_CHUNK_BYTES = 8 << 20
+#: the Blosc settings of ``features`` in stores written before :data:`RAW_CHUNKS` (still read)
 FEATURE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 #: whether new arrays end their codec chain with a CRC-32C checksum of each stored chunk, so that a
 #: corrupt or truncated chunk is refused (and named) before it is decompressed. Stores written
 #: before it existed have no checksum; the reader checks their Blosc chunk headers instead.
 CHUNK_CHECKSUM = True
+#: whether new checksummed arrays store their chunks uncompressed (codecs ``bytes`` little-endian,
+#: then ``crc32c``: each chunk file is the chunk's bytes followed by their 4-byte CRC-32C), the
+#: layout chosen for read speed (issue 13): the reader copies each chunk file straight into the
+#: output array, checksumming it as it goes, with no decompression and no intermediate buffer.
+#: Backbone features barely compress (LZ4 saved about 7% on the ImageNet-LT-shaped set), so the
+#: store grows by that much. False gives the layout of issue 14 (Blosc LZ4 / Zstandard, then
+#: CRC-32C), which is still read (through zarr, slower).
+RAW_CHUNKS = True
+#: split attribute recorded by the writer at completion: every feature was checked finite when it
+#: was written. With every chunk present and its checksum verified, a read of such a split skips
+#: the scan over every value (validation done once, at write time, and recorded).
+FINITE_ATTR = "features_finite"
 
 
 def array_compressors(kind: str) -> list:
-    """The bytes-to-bytes codecs of a new array: ``"features"`` (Blosc LZ4, byte shuffle) or
-    ``"vector"`` (the 1-D int64 arrays: Zstandard), each followed by a CRC-32C checksum (decoded
-    first: a chunk whose checksum fails never reaches the decompressor)."""
+    """The bytes-to-bytes codecs of a new array: only a CRC-32C checksum (:data:`RAW_CHUNKS`);
+    or, for the older layouts, ``"features"`` Blosc LZ4 with byte shuffle, the 1-D int64 arrays
+    Zstandard, each followed by a CRC-32C checksum where :data:`CHUNK_CHECKSUM` (decoded first: a
+    chunk whose checksum fails never reaches the decompressor)."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+    if CHUNK_CHECKSUM and RAW_CHUNKS:
+        return [Crc32cCodec()]
     codecs = [BloscCodec(**FEATURE_CODEC)] if kind == "features" else [ZstdCodec(level=0)]
     return codecs + ([Crc32cCodec()] if CHUNK_CHECKSUM else [])
 
@@ -253,7 +269,9 @@ class StorePlan:
 
 __all__ = [
     "CHUNK_CHECKSUM",
+    "FINITE_ATTR",
     "PLAN_DEFAULTS",
+    "RAW_CHUNKS",
     "array_compressors",
     "PLAN_KEYS",
     "RESERVED_ATTRS",

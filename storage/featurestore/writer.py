@@ -376,7 +376,9 @@ class FeatureStoreWriter:
             if buf is not None:
                 buf.close()
         fp = sp.hash.hexdigest(name, sp.rows, self._plan.feature_dim)
-        self._root[name].update_attributes({"complete": True, "rows": sp.rows, "fingerprint": fp})
+        # write_chunk refused non-finite features: recorded, so that reads need not scan them again
+        self._root[name].update_attributes(
+            {"complete": True, "rows": sp.rows, "fingerprint": fp, schema.FINITE_ATTR: True})
         del self._active[name]
         self._done[name] = fp
         return fp

@@ -117,6 +117,103 @@ def test_verify_reports_progress_of_every_split(tmp_path, data):
     assert open_store(url).verify() is None
 
 
+# ---------------------------------------------------------------------------------------- read layout (issue 13)
+def _codecs(url, split, key):
+    return [type(c).__name__ for c in zarr.open_group(url, mode="r")[split][key].metadata.codecs]
+
+
+def test_new_layout_is_raw_bytes_and_a_checksum_and_round_trips(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    g = zarr.open_group(url, mode="r")  # any Zarr v3 client reads it: plain zarr here
+    st = open_store(url)
+    for split, d in data.items():
+        assert g[split].attrs[schema.FINITE_ATTR] is True
+        fs = st.read(split)
+        for key in ("features", "labels", "index", "attributes"):
+            if d[key] is None:
+                continue
+            assert _codecs(url, split, key) == ["BytesCodec", "Crc32cCodec"]
+            np.testing.assert_array_equal(g[split][key][:], d[key])
+            np.testing.assert_array_equal(getattr(fs, key), d[key])
+            assert getattr(fs, key).dtype == d[key].dtype
+    # a chunk file is the chunk's little-endian bytes (the last chunk padded to a whole chunk), then their CRC-32C
+    raw = open(_chunk(url, "train", "features", 4, 0), "rb").read()
+    assert len(raw) == 8 * 6 * 4 + 4
+    np.testing.assert_array_equal(np.frombuffer(raw[:5 * 6 * 4], "<f4").reshape(5, 6), data["train"]["features"][32:])
+    assert np.isnan(np.frombuffer(raw[5 * 6 * 4:-4], "<f4")).all()
+
+
+def test_row_ranges_across_chunk_boundaries_read_the_same_rows(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)  # 8-row chunks, 37 train rows
+    st = open_store(url)
+    for rows in (1, 3, 8, 13, 100):
+        blocks = list(st.iter_chunks("train", rows))
+        np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), data["train"]["features"])
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), data["train"]["labels"])
+        np.testing.assert_array_equal(np.concatenate([b[2] for b in blocks]), data["train"]["attributes"])
+    st.verify()
+
+
+def test_a_padded_chunk_is_named(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    path = _chunk(url, "train", "labels", 0)
+    open(path, "ab").write(b"\0\0")
+    with pytest.raises(CorruptStoreError, match="train/labels/c/0 is truncated or padded") as e:
+        open_store(url).read("train")
+    assert "\n" not in str(e.value)
+
+
+def test_stores_of_the_issue_14_layout_still_read(tmp_path, data, monkeypatch):
+    url = str(tmp_path / "f.zarr")
+    with monkeypatch.context() as m:
+        m.setattr(schema, "RAW_CHUNKS", False)
+        fp = build(url, data)
+    assert _codecs(url, "train", "features") == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+    st = open_store(url)
+    assert st.fingerprint == fp == build(str(tmp_path / "new.zarr"), data)  # the layout is not content
+    for split, d in data.items():
+        np.testing.assert_array_equal(st.read(split).features, d["features"])
+    st.verify()
+    _flip_last_byte(_chunk(url, "train", "features", 1, 0))
+    with pytest.raises(CorruptStoreError, match="train/features/c/1/0 fails its checksum"):
+        open_store(url).read("train")
+
+
+def test_a_nan_rewritten_with_a_valid_checksum_is_caught_by_verify(tmp_path, data):
+    # finiteness is checked once, by the writer, and recorded; a later edit through another
+    # client (valid checksum) is what the fingerprint check on first open is for
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    zarr.open_group(url, mode="r+")["val"]["features"][1, 1] = np.nan
+    with pytest.raises(CorruptStoreError, match="'val': content does not match its fingerprint"):
+        open_store(url).verify()
+
+
+def test_replacing_the_features_of_a_read_set_checks_them_again(tmp_path, data):
+    import dataclasses
+
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    fs = open_store(url).read("train")
+    bad = fs.features.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(LongtailError, match="1 sample.*NaN or infinite"):
+        dataclasses.replace(fs, features=bad)
+
+
+def test_an_object_store_reads_the_raw_layout(data):
+    import uuid
+
+    url = f"memory://longtail-{uuid.uuid4().hex}/f.zarr"
+    build(url, data)
+    st = open_store(url)
+    np.testing.assert_array_equal(st.read("test").features, data["test"]["features"])
+    st.verify()
+
+
 # ---------------------------------------------------------------------------------------- artifacts
 def test_a_same_size_rewrite_of_an_artifact_file_is_refused_on_read(tmp_path):
     store = art.ArtifactStore(str(tmp_path / "cache"))
