@@ -13,7 +13,7 @@ from longtail.stages.registry import make_method
 from longtail.stages.calibrate import logit_prior
 from longtail.stages.data import FeatureSet
 from longtail.stages.errors import LongtailError
-from longtail.stages.heads import LinearClassifier
+from longtail.stages.heads import SGD_MIN_STEPS, LinearClassifier
 from longtail.stages.losses.cala import (
     cala_adjustment,
     cala_loss,
@@ -172,7 +172,8 @@ def test_mixing_logits_of_the_linear_head_is_mixing_its_features():
 # ---------------------------------------------------------------------- the methods
 C, D = 4, 6
 NAMES = ("a", "b", "c", "d")
-FAST = {"epochs": 4, "batch_size": 32, "seed": 3, "device": "cpu"}
+#: ``min_steps: 0``: exactly ``epochs`` epochs (the default step budget would stretch them on these small sets)
+FAST = {"epochs": 4, "batch_size": 32, "seed": 3, "device": "cpu", "min_steps": 0}
 
 
 def _data(counts=(60, 30, 12, 6), seed=0, meta=None):
@@ -453,3 +454,27 @@ def test_the_head_adjusts_with_the_table_rows_plus_the_sample_itself(train, monk
     assert len(seen) == 1  # epoch 2 (epoch 1 is the warm-up without v)
     np.testing.assert_array_equal(seen[0].numpy(), np.c_[np.arange(len(train.labels)), table.indices[:, :5]])
     assert not (table.indices == np.arange(len(train.labels))[:, None]).any()
+
+
+@pytest.mark.parametrize("name", ["heuristic-cala", "cala-no-u", "cala-no-v", "dynamic-la"])
+def test_the_adjusted_heads_train_at_least_the_sgd_step_budget_by_default(name):
+    assert make_method(name).get_params()["min_steps"] == SGD_MIN_STEPS
+
+
+def test_a_step_budget_adds_epochs_and_each_refreshes_the_adjustment(train, monkeypatch):
+    """``epochs: 1`` with ``min_steps`` one more than an epoch's steps trains two epochs: the second
+    adjusts by v (epoch 1 is the warm-up), so cala_adjustment is called once."""
+    table = build_table(train.features, 9)
+    seen = []
+
+    def spy(neighbours, *args, **kwargs):
+        seen.append(1)
+        return cala_adjustment(neighbours, *args, **kwargs)
+
+    monkeypatch.setattr(cala_module, "cala_adjustment", spy)
+    steps = math.ceil(len(train.labels) / FAST["batch_size"])
+    make_method("heuristic-cala", {**FAST, "k": 5, "epochs": 1, "min_steps": steps + 1}).set_table(table).fit(train)
+    assert len(seen) == 1
+    seen.clear()
+    make_method("heuristic-cala", {**FAST, "k": 5, "epochs": 1, "min_steps": steps}).set_table(table).fit(train)
+    assert seen == []

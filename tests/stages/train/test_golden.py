@@ -49,7 +49,7 @@ RTOL = ATOL = 1e-4
 LBFGS_BY_DEFAULT = ("ce", "balanced-softmax", "logit-adjust", "cb-ce", "focal", "crt", "tau-norm", "lws", "lade",
                     "ce+pc", "ce+ts", "dlsa+ce")
 #: the heads that kept SGD but got a step budget (``min_steps``): ``min_steps: 0`` is the old path
-MIN_STEPS_BY_DEFAULT = ("cosine", "ldam-drw")
+MIN_STEPS_BY_DEFAULT = ("cosine", "ldam-drw", "heuristic-cala", "cala-no-u", "cala-no-v", "dynamic-la")
 
 
 def _params(name):
