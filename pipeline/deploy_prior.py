@@ -59,6 +59,7 @@ def run_calibrate(cfg: RunConfig, target_url: str, how: str = "em", split: str =
     source = existing_store(cfg)
     src = open_store(source.url, storage_options=cfg.storage_options)
     tgt = open_store(target_url, storage_options=cfg.storage_options)
+    tgt.verify()  # as a run does with the model's store: an edited target is one line, before any estimate
     if split not in tgt.splits:
         raise LongtailError(f"target store {target_url!r} has no split {split!r} (it has {', '.join(tgt.splits)})")
     if tgt.feature_dim != src.feature_dim:

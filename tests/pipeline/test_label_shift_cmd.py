@@ -105,3 +105,18 @@ def test_calibrate_on_an_unlabelled_deployment_split(tmp_path, feature_files, wr
         # checks that with known posteriors); the estimate must still undo most of the shift
         source = np.array([60, 25, 10, 4]) / 99
         assert 0.5 * np.abs(est - true).sum() < 0.5 * (0.5 * np.abs(source - true).sum()), (how, est)
+
+
+def test_calibrate_refuses_an_edited_target_store(imported_run, tmp_path, feature_files):
+    """The target store is checked against its fingerprints like the model's store (issue 14): a
+    value rewritten through zarr (its chunk checksum rewritten with it) is one line naming the store."""
+    import zarr
+
+    target = tmp_path / "target.zarr"
+    assert invoke("import-features", "--train", feature_files["train"], "--test", feature_files["test"],
+                  "--out", target).exit_code == 0
+    zarr.open_group(str(target), mode="r+")["test"]["features"][3, 0] += 1.0
+    out = tmp_path / "cal"
+    r = invoke("calibrate", "--config", imported_run["config"], "--target", target, "--out", out)
+    assert_user_error(r, str(target), "'test'")
+    assert not (out / "calibration.json").exists()
