@@ -207,10 +207,12 @@ def run_seed(seed: int, variants: bool = False) -> dict[str, tuple[float, float]
     if variants:
         score("logit-adjust (300 epochs)", product("logit-adjust", {"epochs": 300}))
         score("heuristic-cala, parameters before issue 11 (tau1 1.5, K 30, 30 epochs)",
-              product("heuristic-cala", {"tau1": 1.5, "k": 30, "epochs": 30}))
+              product("heuristic-cala", {"tau1": 1.5, "k": 30, "epochs": 30, "min_steps": 0}))
         score("heuristic-cala, tau1 = 1.5", product("heuristic-cala", {"tau1": 1.5}))
-        score("heuristic-cala, 30 epochs", product("heuristic-cala", {"epochs": 30}))
-        score("heuristic-cala, 200 epochs", product("heuristic-cala", {"epochs": 200}))
+        score("heuristic-cala, 30 epochs, no step budget", product("heuristic-cala", {"epochs": 30, "min_steps": 0}))
+        score("heuristic-cala, 100 epochs, no step budget (min_steps: 0)",
+              product("heuristic-cala", {"min_steps": 0}))
+        score("heuristic-cala, 1,000 epochs", product("heuristic-cala", {"epochs": 1000}))
         for k in (10, 40):
             score(f"heuristic-cala, K = {k}", product("heuristic-cala", {"k": k}))
         score("heuristic-cala, no MixUp (alpha = 0)", product("heuristic-cala", {"alpha": 0}))
