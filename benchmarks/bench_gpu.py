@@ -19,7 +19,8 @@ into a Zarr feature store in a temporary directory, as ``bench_stages.py`` build
 back with ``open_store(...).read``. ``--tiny``: the same recipe at 2,000 x 64, 20 classes, every
 head and flow at 1 epoch (the L-BFGS heads at 20 iterations), short runs not repeated.
 
-**Stages**, in this order (``--stages`` picks some):
+**Stages** (run in :data:`PRIORITY` order, the ones the issue names first; ``--stages`` picks
+some):
 
 ``extract``
     :func:`longtail.stages.extract.extract_chunks` (autocast float16 on CUDA) with the built-in
@@ -63,11 +64,12 @@ comparison runs of the methods set ``min_steps = 0`` on both devices (:func:`met
 * evaluation: every metric of the ``ce`` fit from its device logits and from its CPU logits (state
   moved to the CPU), largest absolute difference.
 
-**Budget.** Pass 1 runs every stage on the device (comparison size, then full size) until
-``--budget-s`` minus the CPU share (``--cpu-share``) is spent, each run at most ``--stage-cap-s``
-seconds (twice that for the DLSA cascade and ``dlsa+ce``): a run is stopped (SIGALRM) when its time
-is up, and the stages after the budget is spent are skipped. Pass 2 runs the CPU baselines and
-checks with what is left, each at most ``--cpu-cap-s``. Skipped and stopped runs are said in their row. Nothing here asserts a time.
+**Budget.** Stage by stage, in the order above: the device run at the comparison size, at full
+size (each at most ``--stage-cap-s`` seconds, twice that for the DLSA cascade and ``dlsa+ce``),
+then the CPU baseline and the check (each at most ``--cpu-cap-s``; all of them together at most
+``--cpu-share`` of the budget, after which the remaining CPU baselines are skipped). A run is
+stopped (SIGALRM) when its time is up; once ``--budget-s`` is spent the remaining stages are
+skipped. Skipped and stopped runs are said in their row. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -695,63 +697,70 @@ class Runner:
             _write_atomic(_json_path(self.args.out), json.dumps(doc, indent=1, default=_json_default))
             _write_atomic(self.args.out, render(doc) + "\n")
 
-    def device_pass(self, stages: list[Stage]) -> None:
-        """Pass 1: each stage on the device, at the comparison size and at full size."""
-        cpu_reserve = self.args.budget_s * self.args.cpu_share
+    def run(self, stages: list[Stage]) -> None:
+        """Every stage in order: on the device at the comparison size and at full size, then on the
+        CPU at the comparison size and the agreement check. The CPU runs together may use
+        ``--cpu-share`` of the budget; once it is spent the remaining CPU baselines are skipped, and
+        once the whole budget is spent the remaining stages are."""
+        self.cpu_spent = 0.0
         for st in stages:
-            row = self.rows[st.key] = {"key": st.key, "label": st.label,
-                                       "cmp_data": st.cmp or "full"}
+            row = self.rows[st.key] = {"key": st.key, "label": st.label, "cmp_data": st.cmp or "full"}
             full = self.ctx.data["full"]
             cmp = self.ctx.data[st.cmp] if st.cmp else None
             row["full_rows"] = _rows(st.key, full, self.ctx)
             row["cmp_rows"] = _rows(st.key, cmp if cmp is not None else full, self.ctx)
-            left = self.left() - cpu_reserve
-            if left <= 0:
+            if self.left() <= 0:
                 row["device_full"] = {"error": "skipped (budget spent)", "stopped": True}
+                row["cpu"] = {"error": "skipped (budget spent)", "stopped": True}
                 self.say(f"{st.key}: skipped (budget)")
-                self.save()
-                continue
-            cap = self.args.stage_cap_s * st.cap_factor
-            if cmp is not None:
-                _gpu_peak_reset(self.device)
-                row["_device_cmp"] = _try(lambda: st.run(cmp, self.device, self.ctx), min(left, cap))
-                row["device_cmp"] = _public(row["_device_cmp"])
-                self._print(st.key, "device, comparison size", row["device_cmp"])
-                left = self.left() - cpu_reserve
-            _gpu_peak_reset(self.device)
-            row["_device_full"] = _try(lambda: st.run(full, self.device, self.ctx), max(1.0, min(left, cap)))
-            row["device_full"] = _public(row["_device_full"])
-            if "seconds" in row["device_full"]:
-                row["device_full"]["gpu_peak_mib"] = _gpu_peak_mib(self.device)
-            self._print(st.key, "device, full size", row["device_full"])
-            if cmp is None:  # the full run is the comparison run
-                row["_device_cmp"], row["device_cmp"] = row["_device_full"], row["device_full"]
-            del row["_device_full"]  # its logits and state are not needed any more (ce's: in ctx.ce_full)
+            else:
+                self._device(st, row, full, cmp)
+                self._cpu(st, row)
             self.save()
 
-    def cpu_pass(self, stages: list[Stage]) -> None:
-        """Pass 2: each stage on the CPU at the comparison size, and the agreement check."""
-        for st in stages:
-            row = self.rows[st.key]
-            dev = row.get("_device_cmp")
-            if dev is None or "error" in dev:
-                row["cpu"] = {"error": "no device run to compare with", "stopped": True}
-                continue
-            left = min(self.left(), self.args.cpu_cap_s)
-            if left <= 1.0:
-                row["cpu"] = {"error": "skipped (budget spent)", "stopped": True}
-                self.say(f"{st.key}: CPU baseline skipped (budget)")
-                self.save()
-                continue
-            data = self.ctx.data[st.cmp] if st.cmp else self.ctx.data["full"]
-            row["_cpu"] = _try(lambda: st.run(data, "cpu", self.ctx), left)
-            row["cpu"] = _public(row["_cpu"])
-            self._print(st.key, "CPU, comparison size", row["cpu"])
-            if "error" not in row["_cpu"]:
-                row["check"] = _try(lambda: st.check(dev, row["_cpu"], data, self.ctx), max(1.0, self.left()))
-                self.say(f"{st.key}: check {'ok' if row['check'].get('ok') else 'FAILED'}: "
-                         f"{row['check'].get('text', row['check'].get('error'))}")
-            self.save()
+    def _device(self, st: Stage, row: dict, full: Data, cmp: Data | None) -> None:
+        cap = self.args.stage_cap_s * st.cap_factor
+        if cmp is not None:
+            _gpu_peak_reset(self.device)
+            row["_device_cmp"] = _try(lambda: st.run(cmp, self.device, self.ctx), min(self.left(), cap))
+            row["device_cmp"] = _public(row["_device_cmp"])
+            self._print(st.key, "device, comparison size", row["device_cmp"])
+            if row["device_cmp"].get("stopped"):  # the full size would be stopped too
+                row["device_full"] = {"error": "skipped: its comparison run was stopped", "stopped": True}
+                return
+        _gpu_peak_reset(self.device)
+        result = _try(lambda: st.run(full, self.device, self.ctx), max(1.0, min(self.left(), cap)))
+        row["device_full"] = _public(result)
+        if "seconds" in result:
+            row["device_full"]["gpu_peak_mib"] = _gpu_peak_mib(self.device)
+        self._print(st.key, "device, full size", row["device_full"])
+        if cmp is None:  # the full run is the comparison run (the full result's arrays are dropped else)
+            row["_device_cmp"], row["device_cmp"] = result, row["device_full"]
+
+    def _cpu(self, st: Stage, row: dict) -> None:
+        dev = row.get("_device_cmp")
+        if dev is None or "error" in dev:
+            row["cpu"] = {"error": "no device run to compare with", "stopped": True}
+            return
+        cpu_left = self.args.budget_s * self.args.cpu_share - self.cpu_spent
+        left = min(self.left(), self.args.cpu_cap_s, cpu_left)
+        if left <= 1.0:
+            why = "CPU share of the budget spent" if cpu_left <= 1.0 else "budget spent"
+            row["cpu"] = {"error": f"skipped ({why})", "stopped": True}
+            self.say(f"{st.key}: CPU baseline skipped ({why})")
+            return
+        data = self.ctx.data[st.cmp] if st.cmp else self.ctx.data["full"]
+        t0 = time.perf_counter()
+        row["_cpu"] = _try(lambda: st.run(data, "cpu", self.ctx), left)
+        row["cpu"] = _public(row["_cpu"])
+        self._print(st.key, "CPU, comparison size", row["cpu"])
+        if "error" not in row["_cpu"]:
+            row["check"] = _try(lambda: st.check(dev, row["_cpu"], data, self.ctx), max(5.0, self.left()))
+            self.say(f"{st.key}: check {'ok' if row['check'].get('ok') else 'FAILED'}: "
+                     f"{row['check'].get('text', row['check'].get('error'))}")
+        self.cpu_spent += time.perf_counter() - t0
+        for key in ("_cpu", "_device_cmp"):  # their arrays are not needed any more
+            row.pop(key, None)
 
     def _print(self, key: str, what: str, r: dict) -> None:
         if "seconds" in r:
@@ -927,6 +936,19 @@ def _insert_performance(text: str | None, block: str) -> str:
     return text[:anchor].rstrip("\n") + f"\n\n{block}\n" + text[anchor:]
 
 
+def _readme_worthy(doc: dict, args) -> bool:
+    """Whether ``doc`` may go into the project's README: a full-size run on a GPU (another README,
+    ``--readme``, takes any run). Says why not on stderr."""
+    if args.readme is not None:
+        return True
+    if "gpu" not in doc["facts"] or doc.get("args", {}).get("tiny"):
+        print("error: --write-readme: the README's GPU table takes a full-size run on a CUDA device, not a "
+              f"{'--tiny ' if doc.get('args', {}).get('tiny') else ''}run on {doc['facts']['device']!r} "
+              "(the table is in --out)", file=sys.stderr)
+        return False
+    return True
+
+
 def write_readme(table: str, readme: str | None = None) -> None:
     from readme import README, write_section  # benchmarks/readme.py
 
@@ -945,13 +967,13 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="seconds the whole run may take, setup included (default 420: under 8 minutes with start-up)")
     p.add_argument("--cpu-share", type=float, default=0.3,
-                   help="share of the budget kept for the CPU baselines and checks (default 0.3)")
+                   help="share of the budget the CPU baselines and checks may use in all (default 0.3)")
     p.add_argument("--cpu-cap-s", type=float, default=45.0, help="at most this many seconds per CPU baseline")
     p.add_argument("--stage-cap-s", type=float, default=75.0,
                    help="at most this many seconds per device run (twice that for the DLSA cascade and dlsa+ce)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"runs of a stage under {SHORT_S:g} s (median reported; default 3, 1 with --tiny)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores; 1 with --tiny)")
     p.add_argument("--out", default="bench_gpu.md",
                    help="the table, rewritten after every run (the raw numbers beside it, .json)")
     p.add_argument("--write-readme", action="store_true", help="put the table into README.md between the "
@@ -961,8 +983,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.tiny else 3
-    if args.repeats < 1 or args.budget_s <= 0 or not 0 <= args.cpu_share < 1 or args.cpu_cap_s <= 0 or args.stage_cap_s <= 0 or (
-            args.threads is not None and args.threads < 1):
+    if (args.repeats < 1 or args.budget_s <= 0 or not 0 <= args.cpu_share < 1 or args.cpu_cap_s <= 0
+            or args.stage_cap_s <= 0 or (args.threads is not None and args.threads < 1)):
         p.error("--repeats and --threads must be >= 1, --budget-s and the caps > 0, 0 <= --cpu-share < 1")
     return args
 
@@ -971,9 +993,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
-            table = render(json.load(f))
+            doc = json.load(f)
+        table = render(doc)
         print(table)
         if args.write_readme:
+            if not _readme_worthy(doc, args):
+                return 2
             write_readme(table, args.readme)
             print("README.md: GPU table updated")
         return 0
@@ -983,7 +1008,7 @@ def main(argv=None) -> int:
     import torch
 
     threads_before = torch.get_num_threads()
-    threads = args.threads or cores()
+    threads = args.threads or (1 if args.tiny else cores())  # tiny ops only lose to thread start-up
     torch.set_num_threads(threads)
     try:
         from longtail.stages.device import resolve_device
@@ -1023,9 +1048,7 @@ def main(argv=None) -> int:
                    f"comparison subset {runner.setup['cmp']}")
         runner.save()
         warm_up(device)
-        runner.device_pass(stages)
-        runner.cpu_pass(stages)
-        runner.save()
+        runner.run(stages)
         doc = {"facts": {**facts, "total_s": runner.elapsed()}, "setup": runner.setup,
                "stages": list(runner.rows.values()), "args": _args_record(args)}
         doc["stages"] = [_public(r) for r in doc["stages"]]
@@ -1034,6 +1057,8 @@ def main(argv=None) -> int:
         print(table)
         print(f"\ntotal: {runner.elapsed():.0f} s", flush=True)
         if args.write_readme:
+            if not _readme_worthy(doc, args):
+                return 2
             write_readme(table, args.readme)
             print("README.md: GPU table updated")
         return 0

@@ -96,6 +96,14 @@ def test_readme_gets_the_table_between_markers_before_heads_at_their_defaults(ti
     assert again[:start] == text[:start] and again[again.index(bench.END_MARKER):] == text[end:]
 
 
+def test_a_tiny_cpu_run_never_goes_into_the_project_readme(tiny_run, capsys):
+    bench, _, out, _ = tiny_run
+    before = (ROOT / "README.md").read_text()
+    assert bench.main(["--from-json", str(out.with_suffix(".json")), "--write-readme"]) == 2
+    assert "CUDA device" in capsys.readouterr().err
+    assert (ROOT / "README.md").read_text() == before
+
+
 def test_a_spent_budget_skips_every_stage_but_keeps_its_row(tmp_path):
     bench = _bench()
     out = tmp_path / "gpu.md"
