@@ -9,7 +9,7 @@ Usage (from the repository root)::
     python benchmarks/bench_gpu.py --from-json gpu.json --write-readme   # README from a saved run
 
 One prepared script for a scarce GPU (issue 13, item 4): it must end within ``--budget-s`` (default
-420 s, which keeps the whole run under 8 minutes on one H100 or H200 with 16 CPU cores) and keeps
+400 s, which keeps the whole run under 8 minutes on one H100 or H200 with 16 CPU cores) and keeps
 what it measured if it is stopped (the table and the raw numbers are rewritten to ``--out`` and
 ``--out``'s ``.json`` after every run, and every run prints its time as it ends).
 
@@ -65,7 +65,7 @@ comparison runs of the methods set ``min_steps = 0`` on both devices (:func:`met
   moved to the CPU), largest absolute difference.
 
 **Budget.** Stage by stage, in the order above: the device run at the comparison size, at full
-size (each at most ``--stage-cap-s`` seconds, twice that for the DLSA cascade and ``dlsa+ce``),
+size (each at most ``--stage-cap-s`` seconds, 3x that for the DLSA cascade, 2x for ``dlsa+ce``),
 then the CPU baseline and the check (each at most ``--cpu-cap-s``; all of them together at most
 ``--cpu-share`` of the budget, after which the remaining CPU baselines are skipped). A run is
 stopped (SIGALRM) when its time is up; once ``--budget-s`` is spent the remaining stages are
@@ -116,8 +116,8 @@ TOL_METRICS = 1e-3
 #: ``--tiny``: L-BFGS iterations of the full-batch heads (their ``max_iter``; the SGD ones run 1 epoch)
 TINY_MAX_ITER = 20
 #: the order of the stages: the ones the issue names first, so that a short budget keeps them
-PRIORITY = ("extract", "neighbours", "ce", "evaluate", "balanced-softmax", "logit-adjust", "cb-ce", "focal",
-            "cosine", "ldam-drw", "dlsa-cascade", "heuristic-cala", "crt", "lws", "tau-norm", "lade", "dlsa+ce")
+PRIORITY = ("extract", "neighbours", "ce", "evaluate", "dlsa-cascade", "heuristic-cala", "balanced-softmax",
+            "logit-adjust", "cb-ce", "focal", "cosine", "ldam-drw", "crt", "lws", "tau-norm", "lade", "dlsa+ce")
 #: the stages that are not methods
 NON_METHODS = ("extract", "neighbours", "evaluate", "dlsa-cascade")
 #: the composite methods run besides the registered ones
@@ -151,13 +151,19 @@ class Spec:
     #: images of the extraction comparison; rows of the neighbour-table comparison
     cmp_extract: int
     cmp_neighbours: int
+    #: the smaller subset of the DLSA cascade and ``dlsa+ce`` (its flows cost far more per row)
+    cmp_dlsa_train: int
+    cmp_dlsa_val_per_class: int
+    cmp_dlsa_test_per_class: int
 
 
 FULL = Spec("imagenet-lt-synthetic", SYN_CLASSES, SYN_DIM, SYN_TRAIN, SYN_MAX, SYN_MIN, SYN_VAL_PER_CLASS,
             SYN_TEST_PER_CLASS, None, cmp_train=2048, cmp_val_per_class=2, cmp_test_per_class=5,
-            cmp_extract=1024, cmp_neighbours=16384)
+            cmp_extract=1024, cmp_neighbours=16384, cmp_dlsa_train=1000, cmp_dlsa_val_per_class=1,
+            cmp_dlsa_test_per_class=2)
 TINY = Spec("tiny", 20, 64, 2000, 500, 5, 10, 20, 1, cmp_train=800, cmp_val_per_class=5, cmp_test_per_class=10,
-            cmp_extract=1000, cmp_neighbours=1000)
+            cmp_extract=1000, cmp_neighbours=1000, cmp_dlsa_train=500, cmp_dlsa_val_per_class=3,
+            cmp_dlsa_test_per_class=5)
 
 
 # ===================================================================================== data
@@ -247,24 +253,25 @@ def _subset(fs, rows, class_counts, name: str):
                                attributes=None if fs.attributes is None else fs.attributes[rows], name=name, meta={})
 
 
-def comparison_data(full: Data, spec: Spec) -> Data:
-    """About ``spec.cmp_train`` train rows, class-stratified (``round(n_c * R / N)``, at least one per
-    class), and the first ``cmp_val_per_class`` / ``cmp_test_per_class`` rows of each class in val and
-    test; ``class_counts`` are the subset's own."""
+def comparison_data(full: Data, train_rows: int, val_per_class: int, test_per_class: int,
+                    name: str = "cmp") -> Data:
+    """About ``train_rows`` train rows, class-stratified (``round(n_c * R / N)``, at least one per
+    class), and the first ``val_per_class`` / ``test_per_class`` rows of each class in val and test;
+    ``class_counts`` are the subset's own."""
     import numpy as np
 
     counts = full.train.class_counts
     n = int(counts.sum())
-    take = np.maximum(1, np.floor(counts * (spec.cmp_train / n) + 0.5)).astype(np.int64)
+    take = np.maximum(1, np.floor(counts * (train_rows / n) + 0.5)).astype(np.int64)
     take = np.minimum(take, counts)
     rows = _first_per_class(full.train.labels, take)
     sub_counts = np.bincount(full.train.labels[rows], minlength=len(counts)).astype(np.int64)
     out = {"train": _subset(full.train, rows, sub_counts, "train")}
-    for split, per in (("val", spec.cmp_val_per_class), ("test", spec.cmp_test_per_class)):
+    for split, per in (("val", val_per_class), ("test", test_per_class)):
         fs = getattr(full, split)
         have = np.bincount(fs.labels, minlength=len(counts))
         out[split] = _subset(fs, _first_per_class(fs.labels, np.minimum(have, per)), sub_counts, split)
-    return Data("cmp", out["train"], out["val"], out["test"])
+    return Data(name, out["train"], out["val"], out["test"])
 
 
 def neighbour_data(full: Data, rows: int) -> Data:
@@ -648,9 +655,11 @@ def stage_list(selected: list[str] | None) -> list[Stage]:
         elif k == "evaluate":
             out.append(Stage(k, "evaluate (`ce` test logits)", run_evaluate, check_evaluate, cmp=None))
         elif k == "dlsa-cascade":
-            out.append(Stage(k, "DLSA flow cascade", run_cascade, check_cascade, cap_factor=2.0))
+            out.append(Stage(k, "DLSA flow cascade", run_cascade, check_cascade, cmp="cmp-dlsa", cap_factor=3.0))
+        elif k.startswith("dlsa+"):  # on the cascade's subset, which gives it the cascade fitted there
+            out.append(Stage(k, f"`{k}` fit", run_method(k), check_method(k), cmp="cmp-dlsa", cap_factor=2.0))
         else:
-            out.append(Stage(k, f"`{k}` fit", run_method(k), check_method(k), cap_factor=2.0 if "dlsa" in k else 1.0))
+            out.append(Stage(k, f"`{k}` fit", run_method(k), check_method(k)))
     return out
 
 
@@ -807,7 +816,7 @@ def machine_facts(device: str, threads: int) -> dict:
     facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "cpu": cpu_name(), "cores": cores(), "torch_threads": threads, "python": platform.python_version(),
              "torch": torch.__version__, "cuda": torch.version.cuda, "numpy": np.__version__,
-             "device": device, "host": platform.node()}
+             "device": device}
     try:
         import faiss
 
@@ -883,7 +892,9 @@ def render(doc: dict) -> str:
     lines = [
         f"_Measured {f['date']}: {gpu}{f['cores']} CPU cores ({f['cpu']}, torch threads {f['torch_threads']}); "
         f"Python {f['python']}, torch {f['torch']}{cuda}, {faiss_txt}, numpy {f['numpy']}; "
-        f"{f.get('total_s', 0) / 60:.1f} minutes in all (budget {args.get('budget_s', 0):.0f} s). Reproduce with "
+        f"{f.get('total_s', 0) / 60:.1f} minutes in all"
+        + (f" over {f['runs']} runs (`--stages`), merged" if f.get("runs", 1) > 1 else "")
+        + f" (budget {args.get('budget_s', 0):.0f} s a run). Reproduce with "
         f"`{COMMAND}`.{run}_",
         "",
     ]
@@ -893,9 +904,10 @@ def render(doc: dict) -> str:
             f"Data: {setup.get('spec', '')}, train {sp.get('train', 0):,} x {setup.get('dim', 0):,}, "
             f"{setup.get('classes', 0):,} classes, val {sp.get('val', 0):,}, test {sp.get('test', 0):,}; generated "
             f"into a feature store in {fmt_s(setup.get('write_s', 0))} and read back in "
-            f"{fmt_s(setup.get('read_s', 0))}. The CPU baseline of the methods and the DLSA cascade runs on a "
-            f"class-stratified subset ({setup.get('cmp', '')}), the same subset runs on `{dev}` for the ratio; "
-            "the neighbour table's on the first rows of train, extraction's on fewer images.",
+            f"{fmt_s(setup.get('read_s', 0))}. The CPU baseline of the methods runs on a class-stratified subset "
+            f"({setup.get('cmp', '')}), that of the DLSA cascade and `dlsa+ce` on a smaller one "
+            f"({setup.get('cmp_dlsa', '')}), the neighbour table's on the first rows of train, extraction's on "
+            f"fewer images; the same subset runs on `{dev}` for the ratio.",
             "",
         ]
     lines += [
@@ -912,7 +924,8 @@ def render(doc: dict) -> str:
         "a neighbour table, DLSA cascade or meta set it needs is built before (the first two are their own rows); "
         "the comparison runs (both devices) set `min_steps = 0`, so that an SGD head's 5,000-step floor does not "
         "make the subset's fit as long as the full one. "
-        f"A run is stopped after {args.get('stage_cap_s', 0):.0f} s on `{dev}` (twice that for DLSA) or "
+        f"A run is stopped after {args.get('stage_cap_s', 0):.0f} s on `{dev}` (3x that for the DLSA cascade, 2x for "
+        f"`dlsa+ce`) or "
         f"{args.get('cpu_cap_s', 0):.0f} s on the CPU, and stages are skipped once the budget is spent. "
         f"Agreement: methods: the `{dev}`-fitted state loaded into a CPU method gives the same logits within "
         f"{TOL_LOGITS:g} x the largest logit (float tolerance), and a CPU fit (whose batches come from another "
@@ -923,6 +936,30 @@ def render(doc: dict) -> str:
         "log-likelihoods (float tolerance) and groups.",
     ]
     return "\n".join(lines)
+
+
+def merge(docs: list[dict]) -> dict:
+    """Saved runs on one machine as one: a stage's row from the first run that measured it at full
+    size on the device (else from the first run that has it); rows in the order they first appear.
+    ``ValueError`` for runs on different GPUs, devices or sizes."""
+    first = docs[0]
+    ident = ("gpu", "device")
+    for d in docs[1:]:
+        if any(d["facts"].get(k) != first["facts"].get(k) for k in ident) or (
+                d.get("args", {}).get("tiny") != first.get("args", {}).get("tiny")):
+            raise ValueError("the runs were made on different devices or at different sizes")
+    rows: dict[str, dict] = {}
+    for d in docs:
+        for r in d["stages"]:
+            old = rows.get(r["key"])
+            if old is None or ("seconds" not in (old.get("device_full") or {})
+                               and "seconds" in (r.get("device_full") or {})):
+                rows[r["key"]] = r
+    out = {**first, "stages": list(rows.values())}
+    if len(docs) > 1:
+        out["facts"] = {**first["facts"], "total_s": sum(d["facts"].get("total_s", 0.0) for d in docs),
+                        "runs": len(docs)}
+    return out
 
 
 def _insert_performance(text: str | None, block: str) -> str:
@@ -964,13 +1001,14 @@ def parse_args(argv=None):
     p.add_argument("--stages", default=None,
                    help="comma-separated stages (extract, neighbours, evaluate, dlsa-cascade, a method name, or "
                         "heads for every method); default all")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="seconds the whole run may take, setup included (default 420: under 8 minutes with start-up)")
+    p.add_argument("--budget-s", type=float, default=400.0,
+                   help="seconds the whole run may take, setup included (default 400: a run stopped mid-way "
+                        "may overrun by the C call in flight, and the whole stays under 8 minutes)")
     p.add_argument("--cpu-share", type=float, default=0.3,
                    help="share of the budget the CPU baselines and checks may use in all (default 0.3)")
     p.add_argument("--cpu-cap-s", type=float, default=45.0, help="at most this many seconds per CPU baseline")
     p.add_argument("--stage-cap-s", type=float, default=75.0,
-                   help="at most this many seconds per device run (twice that for the DLSA cascade and dlsa+ce)")
+                   help="at most this many seconds per device run (3x that for the DLSA cascade, 2x for dlsa+ce)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"runs of a stage under {SHORT_S:g} s (median reported; default 3, 1 with --tiny)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores; 1 with --tiny)")
@@ -979,7 +1017,9 @@ def parse_args(argv=None):
     p.add_argument("--write-readme", action="store_true", help="put the table into README.md between the "
                                                                "gpu-table markers")
     p.add_argument("--readme", default=None, help=argparse.SUPPRESS)  # another README (the tests)
-    p.add_argument("--from-json", default=None, help="render a saved run's .json (no benchmark is run)")
+    p.add_argument("--from-json", default=None,
+                   help="render a saved run's .json (no benchmark is run); several, comma-separated, are merged "
+                        "(a stage's row from the first run that measured it at full size)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.tiny else 3
@@ -992,8 +1032,15 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json, encoding="utf-8") as f:
-            doc = json.load(f)
+        docs = []
+        for path in args.from_json.split(","):
+            with open(path, encoding="utf-8") as f:
+                docs.append(json.load(f))
+        try:
+            doc = merge(docs)
+        except ValueError as exc:
+            print(f"error: --from-json: {exc}", file=sys.stderr)
+            return 2
         table = render(doc)
         print(table)
         if args.write_readme:
@@ -1037,13 +1084,16 @@ def main(argv=None) -> int:
         full = Data("full", store.read("train"), store.read("val"), store.read("test"))
         read_s = time.perf_counter() - t0
         ctx.data["full"] = full
-        ctx.data["cmp"] = comparison_data(full, spec)
+        ctx.data["cmp"] = comparison_data(full, spec.cmp_train, spec.cmp_val_per_class, spec.cmp_test_per_class)
+        ctx.data["cmp-dlsa"] = comparison_data(full, spec.cmp_dlsa_train, spec.cmp_dlsa_val_per_class,
+                                               spec.cmp_dlsa_test_per_class, "cmp-dlsa")
         ctx.data["cmp-nb"] = neighbour_data(full, spec.cmp_neighbours)
         ctx.data["cmp-ex"] = Data("cmp-ex", None, None, None)  # extraction makes its own images
-        c = ctx.data["cmp"]
+        c, cd = ctx.data["cmp"], ctx.data["cmp-dlsa"]
         runner.setup = {"spec": spec.name, "splits": written["splits"], "dim": spec.dim, "classes": spec.classes,
                         "write_s": written["seconds"], "read_s": read_s,
-                        "cmp": f"train {len(c.train):,}, val {len(c.val):,}, test {len(c.test):,} rows"}
+                        "cmp": f"train {len(c.train):,}, val {len(c.val):,}, test {len(c.test):,} rows",
+                        "cmp_dlsa": f"train {len(cd.train):,}, val {len(cd.val):,}, test {len(cd.test):,} rows"}
         runner.say(f"data: store written in {fmt_s(written['seconds'])}, read in {fmt_s(read_s)}; "
                    f"comparison subset {runner.setup['cmp']}")
         runner.save()

@@ -134,7 +134,7 @@ def test_the_comparison_subset_keeps_every_class(tmp_path):
     bench.write_store(spec, str(tmp_path / "s.zarr"))
     store = open_store(str(tmp_path / "s.zarr"))
     full = bench.Data("full", store.read("train"), store.read("val"), store.read("test"))
-    cmp = bench.comparison_data(full, spec)
+    cmp = bench.comparison_data(full, spec.cmp_train, spec.cmp_val_per_class, spec.cmp_test_per_class)
     counts = full.train.class_counts
     assert (cmp.train.class_counts >= 1).all() and (cmp.train.class_counts <= counts).all()
     np.testing.assert_array_equal(cmp.train.class_counts, np.bincount(cmp.train.labels, minlength=spec.classes))
@@ -146,3 +146,22 @@ def test_the_comparison_subset_keeps_every_class(tmp_path):
     # the rows are the full set's own rows, features included
     rows = np.flatnonzero(np.isin(full.train.index, cmp.train.index))
     np.testing.assert_array_equal(full.train.features[rows], cmp.train.features)
+
+
+def test_runs_merge_stage_by_stage_keeping_what_was_measured(tiny_run, tmp_path):
+    bench, _, out, _ = tiny_run
+    measured = json.loads(out.with_suffix(".json").read_text())
+    skipped_out = tmp_path / "skipped.md"
+    assert bench.main(["--device", "cpu", "--tiny", "--threads", "1", "--stages", "ce,lws", "--budget-s", "0.001",
+                       "--out", str(skipped_out)]) == 0
+    skipped = json.loads(skipped_out.with_suffix(".json").read_text())
+    merged = bench.merge([skipped, measured])
+    rows = {r["key"]: r for r in merged["stages"]}
+    assert list(rows) == ["ce", "lws"] + [k for k in STAGES if k != "ce"]
+    assert rows["ce"] == next(r for r in measured["stages"] if r["key"] == "ce")  # the measured row wins
+    assert "seconds" not in rows["lws"]["device_full"]  # only the skipped run has it
+    assert merged["facts"]["runs"] == 2
+    assert "over 2 runs" in bench.render(merged)
+    other = {**measured, "facts": {**measured["facts"], "device": "cuda", "gpu": "another"}}
+    with pytest.raises(ValueError):
+        bench.merge([measured, other])
