@@ -78,6 +78,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -484,10 +485,11 @@ def _images(n: int, seed: int = 7):
 
 
 def run_extract(data: Data, device: str, ctx: Context) -> dict:
+    import inspect
+
     import numpy as np
     import torch
 
-    from longtail.pipeline.config import ExtractionConfig
     from longtail.stages import extract as ex
 
     n = _rows("extract", data, ctx)
@@ -496,7 +498,7 @@ def run_extract(data: Data, device: str, ctx: Context) -> dict:
         torch.manual_seed(SYN_SEED)
         net = ex.SmallCNN(ctx.spec.classes, in_channels=1, width=max(1, ctx.spec.dim // 4)).eval()
     backbone = ex.Backbone(ex.FeaturesOf(net, None, "features"), {}, "")
-    bs = ExtractionConfig().batch_size
+    bs = inspect.signature(ex.extract_chunks).parameters["batch_size"].default  # the config's default too
     keep = data.name != "full"  # the comparison keeps its features; the full run streams them away
 
     def work():
@@ -1029,8 +1031,40 @@ def parse_args(argv=None):
     return args
 
 
+def importable_longtail() -> str | None:
+    """Make ``longtail`` importable from this checkout when it is not installed (a GPU image whose
+    Python the project's pins do not match, where ``pip install -e .`` refuses): a temporary folder
+    holding ``longtail/{stages,storage,pipeline,flows}`` as links to the repository's folders goes
+    first on ``sys.path`` (``longtail`` is a namespace package, as installed). Returns the folder
+    (the caller removes it), or None when ``longtail`` imports already."""
+    try:
+        import longtail.stages  # noqa: F401
+        return None
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("longtail", "longtail.stages"):
+            raise  # a dependency is missing: links would not help
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = tempfile.mkdtemp(prefix="longtail-src-")
+    os.mkdir(os.path.join(folder, "longtail"))
+    for name in ("stages", "storage", "pipeline", "flows"):
+        os.symlink(os.path.join(root, name), os.path.join(folder, "longtail", name))
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    print(f"longtail is not installed: importing it from {root}", file=sys.stderr)
+    return folder
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    linked = importable_longtail()
+    try:
+        return _main(args)
+    finally:
+        if linked:
+            shutil.rmtree(linked, ignore_errors=True)
+
+
+def _main(args) -> int:
     if args.from_json:
         docs = []
         for path in args.from_json.split(","):

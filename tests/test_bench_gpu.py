@@ -165,3 +165,16 @@ def test_runs_merge_stage_by_stage_keeping_what_was_measured(tiny_run, tmp_path)
     other = {**measured, "facts": {**measured["facts"], "device": "cuda", "gpu": "another"}}
     with pytest.raises(ValueError):
         bench.merge([measured, other])
+
+
+def test_longtail_imports_from_the_checkout_when_not_installed(tmp_path):
+    """Where ``pip install -e .`` is refused (another Python), the script links the package folders;
+    checked in a Python without site-packages (``-S``), where nothing of longtail is installed."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_gpu; folder = bench_gpu.importable_longtail(); "
+            "import longtail.stages.errors as e; print(folder is not None, e.__file__.startswith(folder))")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT / "benchmarks")], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.split() == ["True", "True"]
+    assert _bench().importable_longtail() is None  # installed here: nothing to do
