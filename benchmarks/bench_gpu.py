@@ -47,7 +47,8 @@ median and best reported, a longer one runs once), its peak GPU memory, and test
 for the methods. The same stage on the CPU is the plain baseline, at a reduced row count where the
 full size is unaffordable (the ``cmp_*`` sizes of :class:`Spec`; the table says which), with the
 device run again at that same size: the ratio is CPU time over device time on the same rows. The
-comparison runs of the methods set ``min_steps = 0`` on both devices (:func:`method_params`). The agreement check
+comparison runs of the methods train at most :data:`CMP_EPOCHS` epochs (and flow epochs) with
+``min_steps = 0`` on both devices (:func:`method_params`); the full-size runs keep every default. The agreement check
 (CPU against the device, same rows) is, per stage:
 
 * extraction: the largest absolute feature difference relative to the largest feature (float16
@@ -79,6 +80,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import inspect
 import json
 import math
 import os
@@ -114,6 +116,8 @@ TOL_LOGITS = 1e-3  # relative to the largest absolute logit (at least 1)
 TOL_LOGLIK = 1e-3  # relative to the largest absolute log-likelihood (at least 1)
 TOL_ACC_POINTS = 2.0
 TOL_METRICS = 1e-3
+#: the comparison runs (both devices, reduced size): at most this many epochs and flow epochs
+CMP_EPOCHS = 10
 #: ``--tiny``: L-BFGS iterations of the full-batch heads (their ``max_iter``; the SGD ones run 1 epoch)
 TINY_MAX_ITER = 20
 #: the order of the stages: the ones the issue names first, so that a short budget keeps them
@@ -378,31 +382,39 @@ def _rows(stage: str, data: Data, ctx: Context) -> int:
     return len(data.train)
 
 
-def method_params(name: str, device: str, epochs: int | None, comparison: bool = False) -> dict:
-    """``{"seed": 0, "device": device}`` for ``name``'s base (plus ``epochs`` when given), and the same
-    for every wrapper of the name that takes them (nested under its name; ``flow_epochs`` for
-    ``dlsa``; and :data:`TINY_MAX_ITER` L-BFGS iterations), so that no part of the method falls back
-    to ``device: auto``.
+def _default(cls, key: str) -> Any:
+    return inspect.signature(cls.__init__).parameters[key].default
 
-    ``comparison`` (the reduced-size runs on both devices) and ``epochs`` (``--tiny``) also set
-    ``min_steps = 0`` where a method has it: the SGD heads' floor of 5,000 steps would otherwise make a
-    2,000-row fit as long as the full-size one (every epoch is then ``ceil(rows / batch_size)`` steps)."""
+
+def method_params(name: str, device: str, epochs: int | None, comparison: bool = False) -> dict:
+    """``{"seed": 0, "device": device}`` for ``name``'s base and for every wrapper of the name that
+    takes them (nested under its name), so that no part of the method falls back to ``device: auto``.
+
+    ``epochs`` (``--tiny``): that many epochs (``flow_epochs`` for ``dlsa``) and
+    :data:`TINY_MAX_ITER` L-BFGS iterations. ``comparison`` (the reduced-size runs, the same on both
+    devices): at most :data:`CMP_EPOCHS` epochs and flow epochs, and ``min_steps = 0``: the SGD heads'
+    floor of 5,000 steps would otherwise make a 2,000-row fit as long as the full-size one. Both
+    devices then do the same work, so their ratio and their agreement are like for like; the
+    full-size runs keep every default."""
     from longtail.stages.registry import METHODS, PREFIX_WRAPPERS, SUFFIX_WRAPPERS, parse_name
 
     parsed = parse_name(name)
-    base_names = METHODS[parsed.base]._param_names()
+    base = METHODS[parsed.base]
+    base_names = base._param_names()
     params: dict[str, Any] = {k: v for k, v in (("seed", 0), ("device", device)) if k in base_names}
-    if epochs is not None and "epochs" in base_names:
-        params["epochs"] = int(epochs)
+    if "epochs" in base_names and (epochs is not None or comparison):
+        params["epochs"] = int(epochs) if epochs is not None else min(int(_default(base, "epochs")), CMP_EPOCHS)
     if epochs is not None and "max_iter" in base_names:
         params["max_iter"] = TINY_MAX_ITER
     if (comparison or epochs is not None) and "min_steps" in base_names:
         params["min_steps"] = 0
     for w in parsed.prefixes + parsed.suffixes:
-        names = (PREFIX_WRAPPERS.get(w) or SUFFIX_WRAPPERS[w])._param_names()
+        cls = PREFIX_WRAPPERS.get(w) or SUFFIX_WRAPPERS[w]
+        names = cls._param_names()
         sub = {k: v for k, v in (("seed", 0), ("device", device)) if k in names}
-        if epochs is not None and "flow_epochs" in names:
-            sub["flow_epochs"] = int(epochs)
+        if "flow_epochs" in names and (epochs is not None or comparison):
+            sub["flow_epochs"] = int(epochs) if epochs is not None else min(int(_default(cls, "flow_epochs")),
+                                                                          CMP_EPOCHS)
         if sub:
             params[w] = sub
     return params
@@ -485,8 +497,6 @@ def _images(n: int, seed: int = 7):
 
 
 def run_extract(data: Data, device: str, ctx: Context) -> dict:
-    import inspect
-
     import numpy as np
     import torch
 
@@ -553,15 +563,15 @@ def check_neighbours(dev: dict, cpu: dict, data: Data, ctx: Context) -> dict:
             "overlap": same, "sim_max_abs_diff": sim}
 
 
-def _cascade_requirement(device: str, ctx: Context):
+def _cascade_requirement(device: str, ctx: Context, comparison: bool):
     from longtail.stages.registry import make_method
 
-    method = make_method("dlsa+ce", method_params("dlsa+ce", device, ctx.spec.epochs))
+    method = make_method("dlsa+ce", method_params("dlsa+ce", device, ctx.spec.epochs, comparison))
     return next(r for r in method.requirements() if r.kind == "dlsa-cascade"), method
 
 
 def run_cascade(data: Data, device: str, ctx: Context) -> dict:
-    req, _ = _cascade_requirement(device, ctx)
+    req, _ = _cascade_requirement(device, ctx, comparison=data.name != "full")
     t, cascade = timed(lambda: req.build(data.train, data.val), device, ctx.repeats)
     ctx.artifacts[_artifact_key(req, data, device)] = cascade
     routing = cascade.route(data.test.features)
@@ -573,7 +583,7 @@ def run_cascade(data: Data, device: str, ctx: Context) -> dict:
 def check_cascade(dev: dict, cpu: dict, data: Data, ctx: Context) -> dict:
     import numpy as np
 
-    _, method = _cascade_requirement("cpu", ctx)
+    _, method = _cascade_requirement("cpu", ctx, comparison=True)
     moved = method.make_cascade().load_state_dict(dev["_state"])
     routing = moved.route(data.test.features)
     ll, stage = routing.log_likelihood.cpu().numpy(), routing.stage.cpu().numpy()
@@ -923,10 +933,12 @@ def render(doc: dict) -> str:
         "Times: `torch.cuda.synchronize()` before and after each timed call; a run under "
         f"{SHORT_S:g} s is repeated (median and best), a longer one runs once. Method rows time `fit(train, val)` "
         + ("at the defaults" if not args.get("tiny") else "at 1 epoch") + "; "
-        "a neighbour table, DLSA cascade or meta set it needs is built before (the first two are their own rows); "
-        "the comparison runs (both devices) set `min_steps = 0`, so that an SGD head's 5,000-step floor does not "
-        "make the subset's fit as long as the full one. "
-        f"A run is stopped after {args.get('stage_cap_s', 0):.0f} s on `{dev}` (3x that for the DLSA cascade, 2x for "
+        "a neighbour table, DLSA cascade or meta set it needs is built before (the first two are their own rows). "
+        + ("" if args.get("tiny") else
+           f"The comparison runs (both devices) train at most {CMP_EPOCHS} epochs (and flow epochs) with `min_steps = "
+           "0`, so that the CPU baselines fit in the budget: the same work on both devices, hence a like-for-like "
+           "ratio and check. ")
+        + f"A run is stopped after {args.get('stage_cap_s', 0):.0f} s on `{dev}` (3x that for the DLSA cascade, 2x for "
         f"`dlsa+ce`) or "
         f"{args.get('cpu_cap_s', 0):.0f} s on the CPU, and stages are skipped once the budget is spent. "
         f"Agreement: methods: the `{dev}`-fitted state loaded into a CPU method gives the same logits within "
