@@ -756,6 +756,7 @@ class Runner:
             row["_device_cmp"] = _try(lambda: st.run(cmp, self.device, self.ctx), min(self.left(), cap))
             row["device_cmp"] = _public(row["_device_cmp"])
             self._print(st.key, "device, comparison size", row["device_cmp"])
+            self.save()
             if row["device_cmp"].get("stopped"):  # the full size would be stopped too
                 row["device_full"] = {"error": "skipped: its comparison run was stopped", "stopped": True}
                 return
@@ -765,6 +766,7 @@ class Runner:
         if "seconds" in result:
             row["device_full"]["gpu_peak_mib"] = _gpu_peak_mib(self.device, held)
         self._print(st.key, "device, full size", row["device_full"])
+        self.save()
         if cmp is None:  # the full run is the comparison run (the full result's arrays are dropped else)
             row["_device_cmp"], row["device_cmp"] = result, row["device_full"]
 
@@ -785,6 +787,7 @@ class Runner:
         row["_cpu"] = _try(lambda: st.run(data, "cpu", self.ctx), left)
         row["cpu"] = _public(row["_cpu"])
         self._print(st.key, "CPU, comparison size", row["cpu"])
+        self.save()
         if "error" not in row["_cpu"]:
             row["check"] = _try(lambda: st.check(dev, row["_cpu"], data, self.ctx), max(5.0, self.left()))
             self.say(f"{st.key}: check {'ok' if row['check'].get('ok') else 'FAILED'}: "
