@@ -1139,6 +1139,8 @@ def _main(args) -> int:
             return 2
         spec = TINY if args.tiny else FULL
         facts = machine_facts(device, threads)
+        if args.write_readme and not _readme_worthy({"facts": facts, "args": _args_record(args)}, args):
+            return 2  # said before the run, not after it
         ctx = Context(spec, args.repeats)
         runner = Runner(args, device, ctx, t_start, facts)
         print("longtail GPU benchmark")

@@ -178,3 +178,12 @@ def test_longtail_imports_from_the_checkout_when_not_installed(tmp_path):
                          check=True, cwd=tmp_path)
     assert out.stdout.split() == ["True", "True"]
     assert _bench().importable_longtail() is None  # installed here: nothing to do
+
+
+def test_write_readme_on_the_cpu_is_refused_before_any_work(tmp_path, capsys):
+    bench = _bench()
+    before = (ROOT / "README.md").read_text()
+    assert bench.main(["--device", "cpu", "--tiny", "--write-readme", "--out", str(tmp_path / "g.md")]) == 2
+    assert "CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()  # nothing ran
+    assert (ROOT / "README.md").read_text() == before
