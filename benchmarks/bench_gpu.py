@@ -313,7 +313,7 @@ def deadline(seconds: float | None):
         return
 
     def on_alarm(signum, frame):
-        raise StageTimeout(f"stopped after {seconds:.0f} s (budget)")
+        raise StageTimeout(f"stopped after {seconds:.0f} s (its time limit)")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 0.01))
