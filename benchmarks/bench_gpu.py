@@ -1110,14 +1110,7 @@ def _main(args) -> int:
         except ValueError as exc:
             print(f"error: --from-json: {exc}", file=sys.stderr)
             return 2
-        table = render(doc)
-        print(table)
-        if args.write_readme:
-            if not _readme_worthy(doc, args):
-                return 2
-            write_readme(table, args.readme)
-            print("README.md: GPU table updated")
-        return 0
+        return _finish(doc, args)
 
     t_start = time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="longtail-gpu-bench-")
@@ -1173,19 +1166,24 @@ def _main(args) -> int:
         doc = {"facts": {**facts, "total_s": runner.elapsed()}, "setup": runner.setup,
                "stages": list(runner.rows.values()), "args": _args_record(args)}
         doc["stages"] = [_public(r) for r in doc["stages"]]
-        table = render(doc)
-        print()
-        print(table)
         print(f"\ntotal: {runner.elapsed():.0f} s", flush=True)
-        if args.write_readme:
-            if not _readme_worthy(doc, args):
-                return 2
-            write_readme(table, args.readme)
-            print("README.md: GPU table updated")
-        return 0
+        return _finish(doc, args)
     finally:
         torch.set_num_threads(threads_before)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _finish(doc: dict, args) -> int:
+    """Print the table of ``doc`` and, with ``--write-readme``, put it into the README (exit status)."""
+    table = render(doc)
+    print()
+    print(table)
+    if args.write_readme:
+        if not _readme_worthy(doc, args):
+            return 2
+        write_readme(table, args.readme)
+        print("README.md: GPU table updated")
+    return 0
 
 
 if __name__ == "__main__":
