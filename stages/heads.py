@@ -33,7 +33,7 @@ Registered names here: ``ce``, ``balanced-softmax``, ``logit-adjust``, ``cb-ce``
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
 
 __all__ = [
     "TrainedHead", "LinearClassifier", "CosineClassifier", "ScaledClassifier", "balanced_moments",
-    "balanced_accuracy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
+    "balanced_accuracy", "standardised_copy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
 ]
 
 # Defaults shared by every head. For the SGD solver, on standardised features: with 30 epochs and a cosine schedule,
@@ -79,11 +79,13 @@ MOMENTUM = 0.9
 SGD_MIN_STEPS = 5000
 #: L-BFGS iteration cap of the full-batch solver (a cap, not the usual stop: see the README's rule)
 MAX_ITER = 500
-#: rows per chunk when computing logits (bounds device memory, not a per-sample loop)
-LOGITS_CHUNK = 65536
-#: rows per chunk of :func:`balanced_moments`: float64 temporaries of 8192 x D (128 MiB at D = 2048;
-#: at 60k x 2048 features one chunk of all rows took twice as long, its 1 GiB temporaries out of cache)
-MOMENTS_CHUNK = 8192
+#: rows per chunk when computing logits: bounds the temporaries (a standardised chunk and its logits;
+#: 64 MiB of float32 at D = 2048), not a per-sample loop
+LOGITS_CHUNK = 8192
+#: float64 values per chunk of :func:`balanced_moments` and rows x D float32 values per chunk of
+#: :func:`standardised_copy` (1 MiB and 512 KiB: a chunk's temporaries stay in the CPU's cache; at
+#: 100,000 x 512 chunks of 8192 rows were 1.5x slower, their temporaries out of cache)
+MOMENTS_CHUNK = 1 << 17
 
 
 def head_sampler(sampling: str, strata: torch.Tensor, num_strata: int) -> Sampler:
@@ -98,34 +100,58 @@ def head_sampler(sampling: str, strata: torch.Tensor, num_strata: int) -> Sample
 
 
 def balanced_moments(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                     chunk: int = MOMENTS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                     chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced mean and standard deviation of ``features`` ``(N, D)``, float64 ``(D,)`` each.
 
     ``mean = (1/C) sum_c mean(x | y = c)`` and ``var = (1/C) sum_c mean((x - mean)^2 | y = c)``: the
-    moments of the train distribution re-weighted to a uniform label prior. Computed once per fit
-    on the host arrays the features arrive in (before they go to the device), in float64, by
-    segment sums over the rows sorted by class, in chunks of rows: deterministic on every machine
-    (a scatter-add on an accelerator sums in an arbitrary order) and bounded in memory.
+    moments of the train distribution re-weighted to a uniform label prior. Both are weighted sums
+    over the rows with ``w_i = 1 / (C n_{y_i})`` (``sum_i w_i = 1``): ``mean = sum_i w_i x_i`` and
+    ``var = sum_i w_i (x_i - mean)^2``. Computed once per fit on the host arrays the features arrive
+    in, in one pass over them in row order: chunks of ``chunk`` rows (default: 1 MiB of float64) are
+    shifted by the first row ``K`` in float64 and give ``S1 = sum_i w_i (x_i - K)`` and ``S2 = sum_i
+    w_i (x_i - K)^2``; then ``mean = K + S1 / W`` and ``var = S2 / W - (S1 / W)^2`` with ``W = sum_i
+    w_i`` (the shifted-data formula, Chan, Golub and LeVeque 1983: with ``K`` a sample of the data
+    the subtraction loses no more than a few float64 digits, far from float32 resolution).
+    Deterministic: the sums are ``np.einsum`` loops in a fixed order, no threaded BLAS.
     """
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     if (counts == 0).any():
         raise LongtailError(f"balanced standardisation: class {int(np.argmin(counts))} has no train sample")
-    order = np.argsort(labels, kind="stable")
+    weights = (1.0 / (num_classes * counts))[labels]  # guarded: every count > 0
+    n, d = features.shape
+    rows = max(1, MOMENTS_CHUNK // d) if chunk is None else int(chunk)  # d >= 1: FeatureSet rejects 0
+    shift = np.asarray(features[0], dtype=np.float64)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    buf = np.empty((min(rows, n), d))
+    for start in range(0, n, rows):
+        part = features[start:start + rows]
+        dev = np.subtract(part, shift, out=buf[:len(part)], dtype=np.float64)
+        w = weights[start:start + rows]
+        s1 += np.einsum("i,ij->j", w, dev)
+        s2 += np.einsum("i,ij->j", w, np.square(dev, out=dev))
+    total = weights.sum()  # > 0: a sum of positive weights, ~1
+    mean_k = s1 / total
+    var = np.maximum(s2 / total - np.square(mean_k), 0.0)  # rounding may leave -1e-17 for a constant column
+    return shift + mean_k, np.sqrt(var)
 
-    def class_sums(transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        out = np.zeros((num_classes, features.shape[1]))
-        for start in range(0, len(order), chunk):
-            rows = order[start:start + chunk]
-            lab = labels[rows]  # sorted, so each class is one contiguous segment of the chunk
-            seg = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-            out[lab[seg]] += np.add.reduceat(transform(features[rows].astype(np.float64)), seg, axis=0)
-        return out
 
-    mean = (class_sums(lambda v: v) / counts[:, None]).mean(axis=0)  # guarded: every count > 0
-    sq_dev = lambda v: np.square(np.subtract(v, mean, out=v), out=v)  # noqa: E731 (v is a fresh copy)
-    var = (class_sums(sq_dev) / counts[:, None]).mean(axis=0)  # guarded as above
-    return mean, np.sqrt(var)
+def standardised_copy(features: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(features - mean) / std`` as a new float32 tensor on ``mean``'s device: the one copy of the
+    features a fit keeps, filled chunk by chunk (no full-size temporaries; on an accelerator the
+    chunks are what goes to the device anyway), with the same float32 operations as ``(x - mean) /
+    std`` on the whole array, so the same values."""
+    n, d = features.shape
+    out = torch.empty((n, d), dtype=torch.float32, device=mean.device)
+    rows = max(1, MOMENTS_CHUNK // d)  # d >= 1: FeatureSet rejects 0
+    for start in range(0, n, rows):
+        src = np.ascontiguousarray(features[start:start + rows])  # torch takes no negative strides
+        if not src.flags.writeable:  # from_numpy warns on a read-only array (it is only read here)
+            src = src.copy()
+        part = out[start:start + rows]
+        part.copy_(torch.from_numpy(src))
+        part.sub_(mean).div_(std)
+    return out
 
 
 def balanced_accuracy(pred: torch.Tensor, labels: np.ndarray, num_classes: int) -> float:
@@ -246,7 +272,7 @@ class TrainedHead(Method):
         std = np.where(std > 1e-6 * max(std.max(), 1e-300), std, 1.0)
         self.mean_ = torch.tensor(mean, dtype=torch.float32, device=dev)
         self.std_ = torch.tensor(std, dtype=torch.float32, device=dev)
-        data = TrainData(self._standardise(torch.tensor(train.features, device=dev)),
+        data = TrainData(standardised_copy(train.features, self.mean_, self.std_),
                          torch.tensor(train.labels, device=dev))
         module = self.new_module(ctx.dim, ctx.num_classes).to(dev)
         module.reset_parameters(generator)
@@ -264,8 +290,8 @@ class TrainedHead(Method):
         out = []
         with torch.inference_mode():
             for start in range(0, features.shape[0], LOGITS_CHUNK):
-                xb = torch.tensor(features[start:start + LOGITS_CHUNK], device=dev)
-                out.append(self.scores(self.module_, self._standardise(xb)).float().cpu())
+                xb = standardised_copy(features[start:start + LOGITS_CHUNK], self.mean_, self.std_)
+                out.append(self.scores(self.module_, xb).float().cpu())
         return torch.cat(out).numpy()
 
     def _extra_state(self) -> dict[str, torch.Tensor]:

@@ -44,6 +44,12 @@ class TrainData:
         return Batch(rows=rows, x=self.x[rows], y=self.y[rows],
                      extras={k: v[rows] for k, v in self.extras.items()}, epoch=epoch, step=step)
 
+    def whole(self, epoch: int, step: int) -> "Batch":
+        """Every row in order as one batch: ``batch(arange(N))`` without gathering a copy of each
+        tensor (the batch holds ``x``, ``y`` and the extras themselves; the full-batch solver's)."""
+        return Batch(rows=torch.arange(len(self), device=self.x.device), x=self.x, y=self.y,
+                     extras=dict(self.extras), epoch=epoch, step=step)
+
 
 @dataclass(frozen=True)
 class Batch:

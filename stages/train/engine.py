@@ -204,7 +204,10 @@ def fit_full_batch(module: nn.Module, data: TrainData, objective: Objective, con
     decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     anchored = [(p, p.detach().clone()) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     wd = float(config.weight_decay)
-    batches = [data.batch(rows, 0, 0) for rows, _ in groups_rows]
+    if sampler is None or isinstance(sampler, InstanceSampler):  # one group of every row: no gathered copy
+        batches = [data.whole(0, 0)]
+    else:
+        batches = [data.batch(rows, 0, 0) for rows, _ in groups_rows]
 
     def data_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor], list[StepOutput]]:
         outs = [objective.loss(module, batch, state) for batch in batches]
