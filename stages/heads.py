@@ -24,7 +24,11 @@ conditioned. The mean and standard deviation are those of the train split re-wei
 label prior (:func:`balanced_moments`), stored as state: the plain train mean sits among the head
 classes, and centring on it tilts every angle a cosine classifier sees towards them (on a 2-D
 five-class long tail with means on a circle it cost ``cosine`` and ``ldam-drw`` 10 to 13 points of
-balanced accuracy).
+balanced accuracy). A fit holds at most one standardised copy of the train features: on the CPU
+none (the caller's array is shared and each minibatch is standardised as it is gathered, the same
+float32 operations, so the same values; a method that reads every row at once, such as the
+full-batch solver, gets the whole standardised matrix once), on an accelerator the copy made for
+the device (:func:`standardised_copy`).
 
 Registered names here: ``ce``, ``balanced-softmax``, ``logit-adjust``, ``cb-ce``, ``focal``,
 ``cosine``, ``ldam-drw``.
@@ -33,6 +37,7 @@ Registered names here: ``ce``, ``balanced-softmax``, ``logit-adjust``, ``cb-ce``
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -61,7 +66,7 @@ from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
 
 __all__ = [
     "TrainedHead", "LinearClassifier", "CosineClassifier", "ScaledClassifier", "balanced_moments",
-    "balanced_accuracy", "standardised_copy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
+    "balanced_accuracy", "host_tensor", "standardised_copy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
 ]
 
 # Defaults shared by every head. For the SGD solver, on standardised features: with 30 epochs and a cosine schedule,
@@ -136,6 +141,18 @@ def balanced_moments(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return shift + mean_k, np.sqrt(var)
 
 
+def host_tensor(features: np.ndarray) -> torch.Tensor:
+    """``features`` as a CPU tensor sharing its memory (a copy only for negative strides). A
+    read-only array (a memory-mapped store) is shared too, without torch's warning: the training
+    engine only reads it (:class:`~longtail.stages.train.data.TrainData` transforms gathered copies)."""
+    src = np.ascontiguousarray(features)  # torch takes no negative strides
+    if src.flags.writeable:
+        return torch.from_numpy(src)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(src)
+
+
 def standardised_copy(features: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(features - mean) / std`` as a new float32 tensor on ``mean``'s device: the one copy of the
     features a fit keeps, filled chunk by chunk (no full-size temporaries; on an accelerator the
@@ -145,11 +162,8 @@ def standardised_copy(features: np.ndarray, mean: torch.Tensor, std: torch.Tenso
     out = torch.empty((n, d), dtype=torch.float32, device=mean.device)
     rows = max(1, MOMENTS_CHUNK // d)  # d >= 1: FeatureSet rejects 0
     for start in range(0, n, rows):
-        src = np.ascontiguousarray(features[start:start + rows])  # torch takes no negative strides
-        if not src.flags.writeable:  # from_numpy warns on a read-only array (it is only read here)
-            src = src.copy()
         part = out[start:start + rows]
-        part.copy_(torch.from_numpy(src))
+        part.copy_(host_tensor(features[start:start + rows]))
         part.sub_(mean).div_(std)
     return out
 
@@ -256,6 +270,10 @@ class TrainedHead(Method):
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean_) / self.std_  # std_ > 0: floored in _fit
 
+    def _standardise_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_standardise` of a tensor the caller owns, in place (the same float32 values)."""
+        return x.sub_(self.mean_).div_(self.std_)
+
     def _fit(self, train: FeatureSet, val: FeatureSet | None, ctx: FitContext) -> None:
         counts = ctx.class_counts
         if (counts <= 0).any():
@@ -272,8 +290,11 @@ class TrainedHead(Method):
         std = np.where(std > 1e-6 * max(std.max(), 1e-300), std, 1.0)
         self.mean_ = torch.tensor(mean, dtype=torch.float32, device=dev)
         self.std_ = torch.tensor(std, dtype=torch.float32, device=dev)
-        data = TrainData(standardised_copy(train.features, self.mean_, self.std_),
-                         torch.tensor(train.labels, device=dev))
+        labels = torch.tensor(train.labels, device=dev)
+        if dev.type == "cpu":  # the features as they are, standardised batch by batch (no copy of every row)
+            data = TrainData(host_tensor(train.features), labels, transform=self._standardise_in_place)
+        else:  # the copy on the device, needed anyway, is the standardised one
+            data = TrainData(standardised_copy(train.features, self.mean_, self.std_), labels)
         module = self.new_module(ctx.dim, ctx.num_classes).to(dev)
         module.reset_parameters(generator)
         self.module_ = module

@@ -163,7 +163,7 @@ def full_batch_groups(sampler: Sampler | None, data: TrainData) -> list[tuple[to
     see a mixture of them. Another sampler has no stated expectation: ``ValueError`` (a bug)."""
     n = len(data)
     if sampler is None or isinstance(sampler, InstanceSampler):
-        return [(torch.arange(n, device=data.x.device), 1.0)]
+        return [(torch.arange(n, device=data.device), 1.0)]
     if isinstance(sampler, ClassBalancedSampler):
         seg = sampler.segments
         bounds = torch.stack([seg.offsets, seg.counts]).cpu().tolist()  # one host copy, S strata

@@ -245,6 +245,39 @@ def test_standardised_copy_is_bit_identical_to_the_whole_array_expression(monkey
     np.testing.assert_array_equal(x, frozen)  # the input is not modified
 
 
+def test_a_transformed_train_data_standardises_each_batch_and_keeps_its_input():
+    rng = np.random.default_rng(4)
+    raw = torch.tensor((rng.standard_normal((20, 3)) * 5 + 2).astype(np.float32))
+    before = raw.clone()
+    mean, std = raw.mean(0), raw.std(0)
+    data = TrainData(raw, torch.arange(20) % 2, transform=lambda v: v.sub_(mean).div_(std))
+    rows = torch.tensor([3, 0, 17, 3])
+    batch = data.batch(rows, 1, 7)
+    assert data._x is None and len(data) == 20 and data.device == raw.device  # nothing standardised yet
+    assert torch.equal(batch.x, ((raw - mean) / std)[rows])
+    assert torch.equal(raw, before)  # the stored input is never written
+    assert torch.equal(data.x, (raw - mean) / std) and data.x is data.x  # computed once on first access
+    assert torch.equal(data.batch(rows, 1, 7).x, batch.x) and torch.equal(raw, before)
+    assert data.whole(0, 0).x is data.x
+
+
+def test_a_minibatch_head_on_cpu_trains_on_the_callers_features_without_a_copy(data, monkeypatch):
+    train = data[0]
+    seen = []
+    original = heads.fit_module
+
+    def spy(module, train_data, *args, **kwargs):
+        state = original(module, train_data, *args, **kwargs)
+        seen.append(train_data)
+        return state
+
+    monkeypatch.setattr(heads, "fit_module", spy)
+    make_method("ce", {**FAST, "epochs": 2, "solver": "sgd"}).fit(train)
+    (used,) = seen
+    assert used._stored.data_ptr() == train.features.ctypes.data  # shared, not copied
+    assert used._x is None  # and never standardised as a whole
+
+
 @pytest.mark.parametrize("solver, atol", [("sgd", 1e-3), ("lbfgs", 0.03)])
 def test_heads_are_invariant_to_an_affine_rescaling_of_each_feature(data, solver, atol):
     """Exactly for SGD (the same steps on the same standardised rows); to the solver's tolerance for
