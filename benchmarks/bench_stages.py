@@ -1210,23 +1210,26 @@ def render_heads(facts: dict, idle: dict, res: dict, args, total_s: float, load_
                              (f"--heads {args.heads}", bool(args.heads)),
                              (f"--large-heads {args.large_heads or chr(34) * 2}", args.large_heads is not None),
                              (f"--pair-rows {args.pair_rows}", args.pair_rows != PAIR_ROWS),
-                             (f"--repeats {args.repeats}", args.repeats != 3)) if on]
+                             (f"--repeats {args.repeats}", args.repeats not in (None, 3))) if on]
     run = f" (this run: `--heads-only {' '.join(flags)}`)" if flags else ""
-    load = f"; the rest of the machine used {load_during:.2f} cores on average meanwhile" if load_during is not None else ""
+    load = (f"; the rest of the machine used {load_during:.2f} cores on average meanwhile"
+            if load_during is not None else "")
     all_runs = [h for part in ("gauss", "synth") for h in res[part].values() if "error" not in h]
     n_rounds = sorted({len(h["times"]) for h in all_runs})
     lines = [
         f"_Head fits measured {facts['date']} on {facts['cores']} CPU cores ({facts['cpu']}; torch threads "
-        f"{facts['torch_threads']}){gpu}, device `{facts['device']}`; Python {facts['python']}, torch {facts['torch']}, "
-        f"numpy {facts['numpy']}; 1-minute load average {facts['load_before']:.1f} before the run{load}; "
+        f"{facts['torch_threads']}){gpu}, device `{facts['device']}`; Python {facts['python']}, "
+        f"torch {facts['torch']}, numpy {facts['numpy']}; 1-minute load average {facts['load_before']:.1f} "
+        f"before the run{load}; "
         f"{total_s / 60:.1f} minutes in all. Reproduce with `{HEADS_COMMAND}`{run}._",
         "",
         "Minibatch head fits (`solver: sgd`, `min_steps: 0`, batch 256, lr 0.1, weight decay 5e-4, seed 0; "
         "`make_method(name, ...).fit(train, val)`, which includes the class-balanced feature moments and the "
-        "standardised copy of the train features) against the plain torch loop (`nn.Linear` + `F.cross_entropy`, "
-        "SGD with momentum 0.9, the same epochs, batch size, lr and weight decay, on the same train tensors, no "
-        "standardisation, no schedule), both in one process, alternating (plain loop, head, plain loop, head ...): "
-        f"the best of {' or '.join(map(str, n_rounds)) or 'n/a'} runs each, after one untimed round on the "
+        "standardisation: of each batch on the CPU, of the device copy on an accelerator) against the plain "
+        "torch loop (`nn.Linear` + `F.cross_entropy`, SGD with momentum 0.9, the same epochs, batch size, lr and "
+        "weight decay, on the same train tensors, no standardisation, no schedule), both in one process, "
+        "alternating (plain loop, head, plain loop, head ...): "
+        f"the best of {n_rounds[0] if n_rounds else 'n/a'} or more runs each, after one untimed round on the "
         f"{args.pair_rows:,} x {PAIR_DIM} set and none on the ImageNet-LT shape. Peak RSS: `ru_maxrss` of that "
         "process right after the first fit of each, the plain loop first (the whole process: Python, torch and "
         f"the store's three splits, read before any fit: the column \"after the read\"; an idle process that "

@@ -11,7 +11,7 @@ from longtail.stages.data import FeatureSet
 from longtail.stages.decoupled import TAU_GRID
 from longtail.stages.errors import LongtailError
 from longtail.stages.heads import deferred_reweighting_epoch
-from longtail.stages.losses import class_balanced_weights, ldam_loss
+from longtail.stages.losses import class_balanced_weights, ldam_loss, log_prior
 from longtail.stages.registry import make_method
 from longtail.stages.train.data import TrainData
 from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
@@ -227,6 +227,37 @@ def test_balanced_moments_match_the_two_pass_definition_far_from_the_origin(chun
     assert std[2] == 0.0
     naive = np.sqrt(np.mean([(x[y == c].astype(np.float64) ** 2).mean(axis=0) for c in range(4)], axis=0) - mean ** 2)
     assert np.nanmax(np.abs(naive[:2] / ref_std[:2] - 1)) > 1e-5  # what the shift buys
+
+
+def test_balanced_moments_do_not_depend_on_the_number_of_threads(monkeypatch):
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 500)
+    x = rng.standard_normal((500, 4)).astype(np.float32) * 3 + 1
+    monkeypatch.setattr(heads, "MOMENTS_BLOCK", 2)  # blocks of 2 chunks of 16 rows: 16 blocks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = heads.balanced_moments(x, y, 3, chunk=16)
+        torch.set_num_threads(4)
+        four = heads.balanced_moments(x, y, 3, chunk=16)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], four[0])
+    np.testing.assert_array_equal(one[1], four[1])
+    np.testing.assert_allclose(one[1], _two_pass_moments(x, y, 3)[1], rtol=1e-12)
+
+
+def test_the_log_prior_a_head_reuses_follows_its_counts_tensor():
+    """The heads pass one counts tensor to every batch's loss: its log prior is computed once, and
+    again when the tensor changes in place."""
+    counts = torch.tensor([8.0, 2.0], dtype=torch.float64)
+    like = torch.zeros(3, 2)
+    first = log_prior(counts, like)
+    assert log_prior(counts, like) is first
+    np.testing.assert_allclose(first.numpy(), np.log([0.8, 0.2]), rtol=1e-6)
+    counts[1] = 8.0
+    np.testing.assert_allclose(log_prior(counts, like).numpy(), np.log([0.5, 0.5]), rtol=1e-6)
+    assert log_prior(counts, like.double()).dtype == torch.float64
 
 
 def test_standardised_copy_is_bit_identical_to_the_whole_array_expression(monkeypatch):
