@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import longtail.stages.heads as heads
+import longtail.stages.train.standardise as standardise
 from longtail.stages.base import FitContext
 from longtail.stages.data import FeatureSet
 from longtail.stages.decoupled import TAU_GRID
@@ -233,7 +234,7 @@ def test_balanced_moments_do_not_depend_on_the_number_of_threads(monkeypatch):
     rng = np.random.default_rng(6)
     y = rng.integers(0, 3, 500)
     x = rng.standard_normal((500, 4)).astype(np.float32) * 3 + 1
-    monkeypatch.setattr(heads, "MOMENTS_BLOCK", 2)  # blocks of 2 chunks of 16 rows: 16 blocks
+    monkeypatch.setattr(standardise, "MOMENTS_BLOCK", 2)  # blocks of 2 chunks of 16 rows: 16 blocks
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -266,7 +267,7 @@ def test_standardised_copy_is_bit_identical_to_the_whole_array_expression(monkey
     mean = torch.tensor(x.mean(axis=0))
     std = torch.tensor(x.std(axis=0))
     expected = (torch.tensor(x) - mean) / std
-    monkeypatch.setattr(heads, "MOMENTS_CHUNK", 6 * 5)  # chunks of 5 rows, the last one short
+    monkeypatch.setattr(standardise, "MOMENTS_CHUNK", 6 * 5)  # chunks of 5 rows, the last one short
     assert torch.equal(heads.standardised_copy(x, mean, std), expected)
     frozen = x.copy()
     frozen.flags.writeable = False  # a read-only array (a memory-mapped store) is read, not written
