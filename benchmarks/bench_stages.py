@@ -65,6 +65,16 @@ from benchlib import (  # benchmarks/benchlib.py (this folder is on sys.path, in
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
 COMMAND = "python benchmarks/bench_stages.py --dataset all --write-readme"
+#: the head-fit block (``--heads-only``): minibatch heads side by side with the plain loop
+HEADS_START = "<!-- perf-heads:start -->"
+HEADS_END = "<!-- perf-heads:end -->"
+HEADS_COMMAND = "python benchmarks/bench_stages.py --heads-only --write-readme"
+#: ``--heads-only`` defaults: epochs, heads on the seeded Gaussian store and on the ImageNet-LT shape
+#: (one head there: a round of a 3-epoch head fit and the plain loop takes over a minute on 2 cores)
+PAIR_EPOCHS = 3
+PAIR_HEADS = ("ce", "balanced-softmax", "logit-adjust")
+PAIR_LARGE_HEADS = ("ce",)
+PAIR_ROWS, PAIR_DIM = 100_000, 512
 
 DIGITS = "digits-lt"
 SYNTH = "imagenet-lt-synthetic"
@@ -425,33 +435,48 @@ def stage_store_read(device: str, url: str, folder: str, repeats: int, warmup: i
                        "bytes": result["load_bytes"]}}
 
 
-def stage_store_read_train(device: str, workdir: str, rows: int, dim: int, repeats: int) -> dict:
-    """The train split alone of a ``rows`` x ``dim`` store (seeded Gaussians, 100 classes, written
-    with FeatureStoreWriter; val and test of 1/20 and 1/10 the rows), read side by side with
-    ``np.load`` of the same array in this one process after a warm-up; best of ``repeats`` each."""
+def _gauss_store(workdir: str, rows: int, dim: int) -> tuple[str, str]:
+    """The seeded ``rows`` x ``dim`` store (Gaussians, 100 classes, written with FeatureStoreWriter;
+    val and test of 1/20 and 1/10 the rows) and the ``.npy`` of its train features, written once
+    per run (the first stage that asks writes them; later ones reuse them). Returns both paths."""
     import numpy as np
 
-    from longtail.storage.featurestore import FeatureStoreWriter, open_store
+    from longtail.storage.featurestore import FeatureStoreWriter
 
+    url = os.path.join(workdir, f"train_{rows}x{dim}.zarr")
+    npy = os.path.join(workdir, f"train_{rows}x{dim}.npy")
+    if os.path.exists(npy):
+        return url, npy
     rng = np.random.default_rng(0)
     sizes = {"train": rows, "val": rows // 20, "test": rows // 10}
-    url = os.path.join(workdir, f"train_{rows}x{dim}.zarr")
     labels = {s: rng.integers(0, 100, n) for s, n in sizes.items()}
     for lab in labels.values():
         lab[:100] = np.arange(100)
     w = FeatureStoreWriter(url, class_names=[str(c) for c in range(100)],
                            class_counts=np.bincount(labels["train"], minlength=100), backbone={"kind": "bench"},
                            backbone_hash="b", dataset_fingerprint="d", feature_dim=dim, splits=sizes)
-    npy = os.path.join(workdir, f"train_{rows}x{dim}.npy")
     for split, n in sizes.items():
         x = rng.standard_normal(size=(n, dim), dtype=np.float32)
         w.begin_split(split)
         w.write_chunk(split, x, labels[split])
         w.end_split(split)
         if split == "train":
-            np.save(npy, x)
+            np.save(npy + ".tmp.npy", x)
         del x
     w.finish()
+    os.replace(npy + ".tmp.npy", npy)  # last: its presence says the store is complete
+    return url, npy
+
+
+def stage_store_read_train(device: str, workdir: str, rows: int, dim: int, repeats: int) -> dict:
+    """The train split alone of the seeded ``rows`` x ``dim`` store (:func:`_gauss_store`), read
+    side by side with ``np.load`` of the same array in this one process after a warm-up; best of
+    ``repeats`` each."""
+    import numpy as np
+
+    from longtail.storage.featurestore import open_store
+
+    url, npy = _gauss_store(workdir, rows, dim)
     store = open_store(url)
     holder = {}
 
@@ -586,6 +611,64 @@ def stage_head(device: str, url: str, name: str, epochs: int | None, repeats: in
     return out
 
 
+def stage_gauss_store(device: str, workdir: str, rows: int, dim: int) -> dict:
+    """Write the seeded Gaussian store of :func:`_gauss_store` (untimed: a fixture)."""
+    url, _ = _gauss_store(workdir, rows, dim)
+    return {"url": url}
+
+
+def stage_head_pair(device: str, url: str, name: str, epochs: int, repeats: int, warmup: int) -> dict:
+    """A minibatch head fit and the plain loop, side by side in this one process (issue 13).
+
+    ``make_method(name, {"seed": 0, "device": ..., "solver": "sgd", "epochs": epochs, "min_steps":
+    0}).fit(train, val)`` against :func:`plain_ce_loop` with the head's batch size, lr and weight
+    decay on the same train tensors: ``warmup`` untimed rounds, then rounds of (plain loop, head)
+    until ``repeats`` uncontended rounds (:func:`_quiet_rounds`); the best time of each. Peak
+    memory: ``ru_maxrss`` right after the first fit of each (warm-up included), the plain loop
+    first, so the plain figure is its own peak and the head's is its own too whenever it is the
+    larger (``head_rss_bound``: the head did not raise the high-water mark, so its peak is at most
+    that figure). Test balanced accuracy of the last fit of each (untimed).
+    """
+    import resource
+
+    import torch
+
+    from longtail.stages.registry import make_method
+
+    def maxrss() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+    sets = _read_all(url)
+    train, val, test = sets["train"], sets.get("val"), sets["test"]
+    params = {"seed": 0, "device": device, "epochs": int(epochs), "solver": "sgd", "min_steps": 0}
+    inner = _inner_params(make_method(name, dict(params)))
+    fit_base = plain_ce_loop(train, device, int(epochs), int(inner["batch_size"]), float(inner["lr"]),
+                             float(inner["weight_decay"]))
+    rss = {"read": maxrss()}
+
+    def first_rss(key, fn):
+        def run():
+            out = fn()
+            rss.setdefault(key, maxrss())
+            return out
+        return run
+
+    fns = [first_rss("plain", fit_base), first_rss("head", lambda: make_method(name, dict(params)).fit(train, val))]
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    (t_base, t_head), (model, method) = _quiet_rounds(fns, repeats, device)
+    with torch.inference_mode():
+        base_logits = model(torch.from_numpy(test.features).to(next(model.parameters()).device))
+    return {"seconds": min(t_head), "times": t_head, "baseline_seconds": min(t_base), "baseline_times": t_base,
+            "epochs": int(epochs), "batch_size": int(inner["batch_size"]), "lr": float(inner["lr"]),
+            "weight_decay": float(inner["weight_decay"]), "rows": len(train), "dim": train.dim,
+            "classes": train.num_classes, "read_rss_mib": rss["read"], "baseline_rss_mib": rss["plain"],
+            "rss_mib": rss["head"], "head_rss_bound": rss["head"] <= rss["plain"],
+            "metrics": _test_metrics(method.logits(test.features), test, train),
+            "baseline_metrics": _test_metrics(base_logits.float().cpu().numpy(), test, train)}
+
+
 def stage_plain_ce(device: str, url: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
                    repeats: int, warmup: int, name: str = "plain CE") -> dict:
     """The baseline alone in its own process: its absolute time and its peak memory."""
@@ -710,6 +793,8 @@ STAGES = {
     "npload": stage_npload,
     "head": stage_head,
     "plain_ce": stage_plain_ce,
+    "gauss_store": stage_gauss_store,
+    "head_pair": stage_head_pair,
     "evaluate": stage_evaluate,
     "synth_write": stage_synth_write,
     "synth_npsave": stage_synth_npsave,
@@ -834,6 +919,36 @@ def bench_synthetic(workdir: str, device: str, heads: list[str], epochs: int, re
                                   repeats=repeats)
         r["evaluate"]["head"] = eval_head
     return r
+
+
+def bench_head_pairs(workdir: str, device: str, heads: list[str], large_heads: list[str], epochs: int,
+                     repeats: int, rows: int) -> dict:
+    """``--heads-only``: every head of ``heads`` on the seeded ``rows`` x 512 store and every head of
+    ``large_heads`` on the ImageNet-LT-shaped one, each timed against the plain loop in its own
+    process (:func:`stage_head_pair`: a warm-up round on the small set, none on the large one)."""
+    r: dict = {"gauss": {}, "synth": {}, "epochs": epochs}
+    if heads:
+        print(f"== heads on {rows:,} x {PAIR_DIM}", flush=True)
+        url = run_stage("gauss_store", device=device, workdir=workdir, rows=rows, dim=PAIR_DIM)["url"]
+        for h in heads:
+            r["gauss"][h] = _run_pair(device=device, url=url, name=h, epochs=epochs, repeats=repeats, warmup=1)
+    if large_heads:
+        print(f"== heads on {SYNTH}", flush=True)
+        r["synth_write"] = run_stage("synth_write", device=device, workdir=workdir)
+        url = os.path.join(workdir, "synthetic.zarr")
+        for h in large_heads:
+            r["synth"][h] = _run_pair(device=device, url=url, name=h, epochs=epochs, repeats=repeats, warmup=0)
+    return r
+
+
+def _run_pair(**kwargs) -> dict:
+    """A head's paired stage; a head that fails is reported, not fatal."""
+    try:
+        return run_stage("head_pair", **kwargs)
+    except Exception as exc:  # noqa: BLE001  (any error of the head's fit is reported as such)
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"  head {kwargs['name']} FAILED: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        return {"error": f"{type(exc).__name__}: {first}"}
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -1055,6 +1170,94 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
     return "\n".join(lines)
 
 
+def _pair_rows(label: str, res: dict) -> list[str]:
+    rows = []
+    for name, h in res.items():
+        if "error" in h:
+            rows.append(f"| {label} | `{name}` | | failed: {h['error'].replace('|', '/')} | | | | | |")
+            continue
+        bound = "≤ " if h["head_rss_bound"] else ""
+        bal, _ = fmt_acc(h["metrics"])
+        base_bal, _ = fmt_acc(h["baseline_metrics"])
+        rows.append(
+            f"| {label} | `{name}` | {h['epochs']} | {fmt_s(h['seconds'])}{mark(h)} | {fmt_s(h['baseline_seconds'])} | "
+            f"**{fmt_ratio(h['seconds'], h['baseline_seconds'])}** | {bound}{h['rss_mib']:,.0f} / "
+            f"{h['baseline_rss_mib']:,.0f} | **{bound}{fmt_ratio(h['rss_mib'], h['baseline_rss_mib'])}** | "
+            f"{h['read_rss_mib']:,.0f} | {bal} / {base_bal} |")
+    return rows
+
+
+def _pair_contended(runs: list[dict]) -> str:
+    discarded = sum(r.get("discarded_runs", 0) for r in runs)
+    waited = sum(r.get("waited_s", 0.0) for r in runs)
+    out = ""
+    if discarded or waited >= 1.5 * len(runs):
+        out += (f" The machine is shared: the script waited {waited / 60:.1f} minutes in all for other processes to "
+                f"leave the CPU before starting stages, and threw away and reran {discarded} timed round(s) during "
+                f"which others used more than {CONTENDED_CORES} cores.")
+    if any(is_contended(r) for r in runs):
+        out += (" †: no quiet round within the retry budget, so contended rounds count too; the head and the plain "
+                "loop alternate, so both are slowed and the ratio suffers less than the times.")
+    return out
+
+
+def render_heads(facts: dict, idle: dict, res: dict, args, total_s: float, load_during: float | None) -> str:
+    """The ``--heads-only`` block: minibatch head fits side by side with the plain loop."""
+    gpu = f", GPU {facts['gpu']}" if "gpu" in facts else ""
+    flags = [f for f, on in ((f"--device {args.device}", args.device != "auto"),
+                             (f"--threads {args.threads}", bool(args.threads)),
+                             (f"--epochs {args.epochs}", args.epochs not in (None, PAIR_EPOCHS)),
+                             (f"--heads {args.heads}", bool(args.heads)),
+                             (f"--large-heads {args.large_heads or chr(34) * 2}", args.large_heads is not None),
+                             (f"--pair-rows {args.pair_rows}", args.pair_rows != PAIR_ROWS),
+                             (f"--repeats {args.repeats}", args.repeats not in (None, 3))) if on]
+    run = f" (this run: `--heads-only {' '.join(flags)}`)" if flags else ""
+    load = (f"; the rest of the machine used {load_during:.2f} cores on average meanwhile"
+            if load_during is not None else "")
+    all_runs = [h for part in ("gauss", "synth") for h in res[part].values() if "error" not in h]
+    n_rounds = sorted({len(h["times"]) for h in all_runs})
+    lines = [
+        f"_Head fits measured {facts['date']} on {facts['cores']} CPU cores ({facts['cpu']}; torch threads "
+        f"{facts['torch_threads']}){gpu}, device `{facts['device']}`; Python {facts['python']}, "
+        f"torch {facts['torch']}, numpy {facts['numpy']}; 1-minute load average {facts['load_before']:.1f} "
+        f"before the run{load}; "
+        f"{total_s / 60:.1f} minutes in all. Reproduce with `{HEADS_COMMAND}`{run}._",
+        "",
+        "Minibatch head fits (`solver: sgd`, `min_steps: 0`, batch 256, lr 0.1, weight decay 5e-4, seed 0; "
+        "`make_method(name, ...).fit(train, val)`, which includes the class-balanced feature moments and the "
+        "standardisation: of each batch on the CPU, of the device copy on an accelerator) against the plain "
+        "torch loop (`nn.Linear` + `F.cross_entropy`, SGD with momentum 0.9, the same epochs, batch size, lr and "
+        "weight decay, on the same train tensors, no standardisation, no schedule), both in one process, "
+        "alternating (plain loop, head, plain loop, head ...): "
+        f"the best of {n_rounds[0] if n_rounds else 'n/a'} or more runs each, after one untimed round on the "
+        f"{args.pair_rows:,} x {PAIR_DIM} set and none on the ImageNet-LT shape. Peak RSS: `ru_maxrss` of that "
+        "process right after the first fit of each, the plain loop first (the whole process: Python, torch and "
+        f"the store's three splits, read before any fit: the column \"after the read\"; an idle process that "
+        f"imports torch peaks at {idle['rss_mib']:,.0f} MiB); \"≤\": the head never raised the process's high-water "
+        "mark above the plain loop's. Targets (issue 13): time ratio at most 1.3x, memory ratio at most 1.5x. "
+        f"Accuracies after {res.get('epochs', PAIR_EPOCHS)} epochs are a sanity check, not results (the "
+        f"Gaussian features carry no class signal: 1% is chance there)."
+        + _pair_contended(all_runs),
+        "",
+        "| features | head | epochs | head fit | plain loop | ratio | peak RSS head / plain (MiB) | ratio "
+        "| RSS after the read (MiB) | test bal. acc. head / plain (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *_pair_rows(f"{args.pair_rows:,} x {PAIR_DIM}, 100 classes (seeded Gaussians)", res["gauss"]),
+        *_pair_rows(f"{SYNTH}: 115,846 x 2,048, 1,000 classes", res["synth"]),
+    ]
+    return "\n".join(lines)
+
+
+def _insert_heads_block(text: str | None, block: str) -> str:
+    """README.md without the perf-heads markers: the block right before the perf-table (or at the end)."""
+    if text is None:
+        return f"## Performance\n\n{block}\n"
+    at = text.find(START_MARKER)
+    if at == -1:
+        return text.rstrip("\n") + f"\n\n{block}\n"
+    return text[:at] + block + "\n\n" + text[at:]
+
+
 def _append_performance(text: str | None, block: str) -> str:
     """README.md without the perf-table markers: a Performance section at the end (or a new file)."""
     if text is None:
@@ -1075,12 +1278,25 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=[DIGITS, SYNTH, "all"], default="all")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: CUDA when present)")
-    p.add_argument("--epochs", type=int, default=1,
-                   help=f"epochs of every head on {SYNTH}, reported per epoch (default 1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs of every head on {SYNTH}, reported per epoch (default 1); with --heads-only, "
+                        f"the epochs of every paired fit (default {PAIR_EPOCHS})")
     p.add_argument("--heads", default=None,
                    help=f"comma-separated heads to run on both data sets (default: every registered head plus "
                         f"ce+pc on {DIGITS}, {', '.join(SYNTH_DEFAULT_HEADS)} on {SYNTH})")
-    p.add_argument("--repeats", type=int, default=5, help="runs of each short stage; the median is reported")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each short stage; the median is reported (default 5); with --heads-only, the "
+                        "timed rounds of each pair, the best is reported (default 3)")
+    p.add_argument("--heads-only", action="store_true",
+                   help=f"only the minibatch head fits side by side with the plain loop ({PAIR_EPOCHS} epochs): "
+                        f"{', '.join(PAIR_HEADS)} (or --heads) on a seeded {PAIR_ROWS:,} x {PAIR_DIM} store and "
+                        f"{', '.join(PAIR_LARGE_HEADS)} (or --large-heads) on the {SYNTH} store; --write-readme "
+                        "writes that block between the perf-heads markers")
+    p.add_argument("--large-heads", default=None,
+                   help=f"with --heads-only: comma-separated heads on {SYNTH} (default "
+                        f"{','.join(PAIR_LARGE_HEADS)}; an empty string skips that set)")
+    p.add_argument("--pair-rows", type=int, default=PAIR_ROWS,
+                   help=f"with --heads-only: train rows of the seeded Gaussian store (default {PAIR_ROWS:,})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of cores)")
     p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
                    help="seconds to wait before each stage for other processes to leave the CPU "
@@ -1088,9 +1304,36 @@ def parse_args(argv=None):
     p.add_argument("--write-readme", action="store_true",
                    help="write the table into README.md between the perf-table markers")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--epochs, --repeats and --threads must be >= 1")
+    for key in ("epochs", "repeats", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error("--epochs, --repeats and --threads must be >= 1")
+    if args.pair_rows < 200:
+        p.error("--pair-rows must be at least 200 (100 classes, and a val and test split of 1/20 and 1/10)")
+    if not args.heads_only:
+        args.epochs = 1 if args.epochs is None else args.epochs
+        args.repeats = 5 if args.repeats is None else args.repeats
     return args
+
+
+def _main_heads_only(args, facts: dict, idle: dict, heads: list[str], large: list[str], device: str,
+                     workdir: str, t_start: float) -> int:
+    epochs = PAIR_EPOCHS if args.epochs is None else args.epochs
+    repeats = 3 if args.repeats is None else args.repeats
+    res = bench_head_pairs(workdir, device, heads, large, epochs, repeats, args.pair_rows)
+    total = time.perf_counter() - t_start
+    runs = [h for part in ("gauss", "synth") for h in res[part].values() if "others_cores" in h]
+    wall = sum(h["wall_s"] for h in runs)
+    load = sum(h["others_cores"] * h["wall_s"] for h in runs) / wall if wall > 0 else None  # wall > 0 guards
+    table = render_heads(facts, idle, res, args, total, load)
+    print()
+    print(table)
+    print(f"\ntotal benchmark time: {total:.0f} s", flush=True)
+    if args.write_readme:
+        from readme import write_section  # benchmarks/readme.py (this folder is on sys.path)
+
+        write_section(HEADS_START, HEADS_END, table, if_missing=_insert_heads_block)
+        print("README.md: head-fit block updated")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -1118,7 +1361,9 @@ def main(argv=None) -> int:
             else:
                 heads = default_heads()
                 synth_heads = [h for h in SYNTH_DEFAULT_HEADS if h in known_methods()]
-            for h in heads:
+            large = [h.strip() for h in (args.large_heads if args.large_heads is not None
+                                          else ",".join(PAIR_LARGE_HEADS)).split(",") if h.strip()]
+            for h in heads + (large if args.heads_only else []):
                 make_method(h, {})
         except LongtailError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -1128,12 +1373,18 @@ def main(argv=None) -> int:
         for k, v in facts.items():
             print(f"  {k:<14s} {v}")
         print(f"  registered     {', '.join(known_methods())}")
-        if args.dataset in (DIGITS, "all"):
+        if args.heads_only:
+            print(f"  paired heads   {', '.join(heads if args.heads else PAIR_HEADS)} on {args.pair_rows:,} x "
+                  f"{PAIR_DIM}; {', '.join(large) or 'none'} on {SYNTH}", flush=True)
+        elif args.dataset in (DIGITS, "all"):
             print(f"  heads {DIGITS:<8s} {', '.join(heads)}")
-        if args.dataset in (SYNTH, "all"):
+        if args.dataset in (SYNTH, "all") and not args.heads_only:
             print(f"  heads synthetic {', '.join(synth_heads)} (epochs={args.epochs})", flush=True)
 
         idle = run_stage("idle", device=device)
+        if args.heads_only:
+            return _main_heads_only(args, facts, idle, heads if args.heads else list(PAIR_HEADS), large, device,
+                                    workdir, t_start)
         digits = synth = None
         if args.dataset in (DIGITS, "all"):
             digits = bench_digits(workdir, device, heads, args.repeats)

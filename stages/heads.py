@@ -24,7 +24,11 @@ conditioned. The mean and standard deviation are those of the train split re-wei
 label prior (:func:`balanced_moments`), stored as state: the plain train mean sits among the head
 classes, and centring on it tilts every angle a cosine classifier sees towards them (on a 2-D
 five-class long tail with means on a circle it cost ``cosine`` and ``ldam-drw`` 10 to 13 points of
-balanced accuracy).
+balanced accuracy). A fit holds at most one standardised copy of the train features: on the CPU
+none (the caller's array is shared and each minibatch is standardised as it is gathered, the same
+float32 operations, so the same values; a method that reads every row at once, such as the
+full-batch solver, gets the whole standardised matrix once), on an accelerator the copy made for
+the device (:func:`standardised_copy`).
 
 Registered names here: ``ce``, ``balanced-softmax``, ``logit-adjust``, ``cb-ce``, ``focal``,
 ``cosine``, ``ldam-drw``.
@@ -33,7 +37,7 @@ Registered names here: ``ce``, ``balanced-softmax``, ``logit-adjust``, ``cb-ce``
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -58,10 +62,12 @@ from longtail.stages.train.data import TrainData
 from longtail.stages.train.engine import OptimConfig, Sampler, fit_module
 from longtail.stages.train.objective import LossObjective, Objective
 from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
+from longtail.stages.train.standardise import balanced_moments, host_tensor, standardised_copy
 
 __all__ = [
     "TrainedHead", "LinearClassifier", "CosineClassifier", "ScaledClassifier", "balanced_moments",
-    "balanced_accuracy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE", "WEIGHT_DECAY", "MAX_ITER",
+    "balanced_accuracy", "host_tensor", "standardised_copy", "head_sampler", "EPOCHS", "LR", "BATCH_SIZE",
+    "WEIGHT_DECAY", "MAX_ITER",
 ]
 
 # Defaults shared by every head. For the SGD solver, on standardised features: with 30 epochs and a cosine schedule,
@@ -79,11 +85,9 @@ MOMENTUM = 0.9
 SGD_MIN_STEPS = 5000
 #: L-BFGS iteration cap of the full-batch solver (a cap, not the usual stop: see the README's rule)
 MAX_ITER = 500
-#: rows per chunk when computing logits (bounds device memory, not a per-sample loop)
-LOGITS_CHUNK = 65536
-#: rows per chunk of :func:`balanced_moments`: float64 temporaries of 8192 x D (128 MiB at D = 2048;
-#: at 60k x 2048 features one chunk of all rows took twice as long, its 1 GiB temporaries out of cache)
-MOMENTS_CHUNK = 8192
+#: rows per chunk when computing logits: bounds the temporaries (a standardised chunk and its logits;
+#: 64 MiB of float32 at D = 2048), not a per-sample loop
+LOGITS_CHUNK = 8192
 
 
 def head_sampler(sampling: str, strata: torch.Tensor, num_strata: int) -> Sampler:
@@ -95,37 +99,6 @@ def head_sampler(sampling: str, strata: torch.Tensor, num_strata: int) -> Sample
     if sampling == "class":
         return ClassBalancedSampler(strata, num_strata)
     raise ValueError(f"unknown sampling {sampling!r}")
-
-
-def balanced_moments(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                     chunk: int = MOMENTS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced mean and standard deviation of ``features`` ``(N, D)``, float64 ``(D,)`` each.
-
-    ``mean = (1/C) sum_c mean(x | y = c)`` and ``var = (1/C) sum_c mean((x - mean)^2 | y = c)``: the
-    moments of the train distribution re-weighted to a uniform label prior. Computed once per fit
-    on the host arrays the features arrive in (before they go to the device), in float64, by
-    segment sums over the rows sorted by class, in chunks of rows: deterministic on every machine
-    (a scatter-add on an accelerator sums in an arbitrary order) and bounded in memory.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    if (counts == 0).any():
-        raise LongtailError(f"balanced standardisation: class {int(np.argmin(counts))} has no train sample")
-    order = np.argsort(labels, kind="stable")
-
-    def class_sums(transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        out = np.zeros((num_classes, features.shape[1]))
-        for start in range(0, len(order), chunk):
-            rows = order[start:start + chunk]
-            lab = labels[rows]  # sorted, so each class is one contiguous segment of the chunk
-            seg = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-            out[lab[seg]] += np.add.reduceat(transform(features[rows].astype(np.float64)), seg, axis=0)
-        return out
-
-    mean = (class_sums(lambda v: v) / counts[:, None]).mean(axis=0)  # guarded: every count > 0
-    sq_dev = lambda v: np.square(np.subtract(v, mean, out=v), out=v)  # noqa: E731 (v is a fresh copy)
-    var = (class_sums(sq_dev) / counts[:, None]).mean(axis=0)  # guarded as above
-    return mean, np.sqrt(var)
 
 
 def balanced_accuracy(pred: torch.Tensor, labels: np.ndarray, num_classes: int) -> float:
@@ -230,6 +203,10 @@ class TrainedHead(Method):
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean_) / self.std_  # std_ > 0: floored in _fit
 
+    def _standardise_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_standardise` of a tensor the caller owns, in place (the same float32 values)."""
+        return x.sub_(self.mean_).div_(self.std_)
+
     def _fit(self, train: FeatureSet, val: FeatureSet | None, ctx: FitContext) -> None:
         counts = ctx.class_counts
         if (counts <= 0).any():
@@ -246,8 +223,11 @@ class TrainedHead(Method):
         std = np.where(std > 1e-6 * max(std.max(), 1e-300), std, 1.0)
         self.mean_ = torch.tensor(mean, dtype=torch.float32, device=dev)
         self.std_ = torch.tensor(std, dtype=torch.float32, device=dev)
-        data = TrainData(self._standardise(torch.tensor(train.features, device=dev)),
-                         torch.tensor(train.labels, device=dev))
+        labels = torch.tensor(train.labels, device=dev)
+        if dev.type == "cpu":  # the features as they are, standardised batch by batch (no copy of every row)
+            data = TrainData(host_tensor(train.features), labels, transform=self._standardise_in_place)
+        else:  # the copy on the device, needed anyway, is the standardised one
+            data = TrainData(standardised_copy(train.features, self.mean_, self.std_), labels)
         module = self.new_module(ctx.dim, ctx.num_classes).to(dev)
         module.reset_parameters(generator)
         self.module_ = module
@@ -264,8 +244,8 @@ class TrainedHead(Method):
         out = []
         with torch.inference_mode():
             for start in range(0, features.shape[0], LOGITS_CHUNK):
-                xb = torch.tensor(features[start:start + LOGITS_CHUNK], device=dev)
-                out.append(self.scores(self.module_, self._standardise(xb)).float().cpu())
+                xb = standardised_copy(features[start:start + LOGITS_CHUNK], self.mean_, self.std_)
+                out.append(self.scores(self.module_, xb).float().cpu())
         return torch.cat(out).numpy()
 
     def _extra_state(self) -> dict[str, torch.Tensor]:

@@ -168,14 +168,14 @@ class MetaBatches:
 
     def reset(self) -> None:
         """Start over: re-seed the generator, forget the current order."""
-        self.generator = torch.Generator(device=self.data.x.device).manual_seed(self.seed)
+        self.generator = torch.Generator(device=self.data.device).manual_seed(self.seed)
         self._order: torch.Tensor | None = None
         self._pos = 0
 
     def next(self, epoch: int, step: int) -> Batch:
         """The next meta batch (tagged with the train ``epoch`` and ``step``)."""
         if self.batch_size is None:
-            rows = torch.arange(len(self.data), device=self.data.x.device)
+            rows = torch.arange(len(self.data), device=self.data.device)
             return self.data.batch(rows, epoch, step)
         if self._order is None or self._pos + self.batch_size > int(self._order.shape[0]):
             self._order = self.sampler.epoch_order(len(self.data), self.generator)

@@ -163,7 +163,7 @@ def full_batch_groups(sampler: Sampler | None, data: TrainData) -> list[tuple[to
     see a mixture of them. Another sampler has no stated expectation: ``ValueError`` (a bug)."""
     n = len(data)
     if sampler is None or isinstance(sampler, InstanceSampler):
-        return [(torch.arange(n, device=data.x.device), 1.0)]
+        return [(torch.arange(n, device=data.device), 1.0)]
     if isinstance(sampler, ClassBalancedSampler):
         seg = sampler.segments
         bounds = torch.stack([seg.offsets, seg.counts]).cpu().tolist()  # one host copy, S strata
@@ -204,7 +204,10 @@ def fit_full_batch(module: nn.Module, data: TrainData, objective: Objective, con
     decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     anchored = [(p, p.detach().clone()) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     wd = float(config.weight_decay)
-    batches = [data.batch(rows, 0, 0) for rows, _ in groups_rows]
+    if sampler is None or isinstance(sampler, InstanceSampler):  # one group of every row: no gathered copy
+        batches = [data.whole(0, 0)]
+    else:
+        batches = [data.batch(rows, 0, 0) for rows, _ in groups_rows]
 
     def data_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor], list[StepOutput]]:
         outs = [objective.loss(module, batch, state) for batch in batches]

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import longtail.stages.heads as heads
+import longtail.stages.train.standardise as standardise
 from longtail.stages.base import FitContext
 from longtail.stages.data import FeatureSet
 from longtail.stages.decoupled import TAU_GRID
 from longtail.stages.errors import LongtailError
 from longtail.stages.heads import deferred_reweighting_epoch
-from longtail.stages.losses import class_balanced_weights, ldam_loss
+from longtail.stages.losses import class_balanced_weights, ldam_loss, log_prior
 from longtail.stages.registry import make_method
 from longtail.stages.train.data import TrainData
 from longtail.stages.train.samplers import ClassBalancedSampler, InstanceSampler
@@ -200,6 +201,113 @@ def test_balanced_moments_by_hand(chunk):
     np.testing.assert_allclose(std, [np.sqrt(20.75), 1.5], atol=1e-12)
     shuffled = np.array([2, 0, 1])  # the order of the rows does not matter
     np.testing.assert_allclose(heads.balanced_moments(x[shuffled], y[shuffled], 2, chunk=chunk)[0], mean, atol=1e-12)
+
+
+def _two_pass_moments(x, y, num_classes):
+    """The definition, by class and in two passes over float64 copies: (1/C) sum_c mean(x | c), then
+    (1/C) sum_c mean((x - mean)^2 | c)."""
+    x = x.astype(np.float64)
+    mean = np.mean([x[y == c].mean(axis=0) for c in range(num_classes)], axis=0)
+    var = np.mean([((x[y == c] - mean) ** 2).mean(axis=0) for c in range(num_classes)], axis=0)
+    return mean, np.sqrt(var)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 10_000])
+def test_balanced_moments_match_the_two_pass_definition_far_from_the_origin(chunk):
+    """One shifted pass keeps float64 accuracy where the plain E[x^2] - E[x]^2 does not: a mean of
+    1e4 and a spread of 1e-2 cancel 12 digits there (a relative error of about 1e-4 in the std)."""
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(4), [300, 60, 9, 2])
+    rng.shuffle(y)
+    x = (1e4 + np.array([0.0, 1e-2, -2e-2, 5e-3])[y, None] + 1e-2 * rng.standard_normal((len(y), 3))).astype(np.float32)
+    x[:, 2] = 7.0  # a constant column: variance 0, not a tiny negative number
+    mean, std = heads.balanced_moments(x, y, 4, chunk=chunk)
+    ref_mean, ref_std = _two_pass_moments(x, y, 4)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(std[:2], ref_std[:2], rtol=1e-9)
+    assert std[2] == 0.0
+    naive = np.sqrt(np.mean([(x[y == c].astype(np.float64) ** 2).mean(axis=0) for c in range(4)], axis=0) - mean ** 2)
+    assert np.nanmax(np.abs(naive[:2] / ref_std[:2] - 1)) > 1e-5  # what the shift buys
+
+
+def test_balanced_moments_do_not_depend_on_the_number_of_threads(monkeypatch):
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 500)
+    x = rng.standard_normal((500, 4)).astype(np.float32) * 3 + 1
+    monkeypatch.setattr(standardise, "MOMENTS_BLOCK", 2)  # blocks of 2 chunks of 16 rows: 16 blocks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = heads.balanced_moments(x, y, 3, chunk=16)
+        torch.set_num_threads(4)
+        four = heads.balanced_moments(x, y, 3, chunk=16)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], four[0])
+    np.testing.assert_array_equal(one[1], four[1])
+    np.testing.assert_allclose(one[1], _two_pass_moments(x, y, 3)[1], rtol=1e-12)
+
+
+def test_the_log_prior_a_head_reuses_follows_its_counts_tensor():
+    """The heads pass one counts tensor to every batch's loss: its log prior is computed once, and
+    again when the tensor changes in place."""
+    counts = torch.tensor([8.0, 2.0], dtype=torch.float64)
+    like = torch.zeros(3, 2)
+    first = log_prior(counts, like)
+    assert log_prior(counts, like) is first
+    np.testing.assert_allclose(first.numpy(), np.log([0.8, 0.2]), rtol=1e-6)
+    counts[1] = 8.0
+    np.testing.assert_allclose(log_prior(counts, like).numpy(), np.log([0.5, 0.5]), rtol=1e-6)
+    assert log_prior(counts, like.double()).dtype == torch.float64
+
+
+def test_standardised_copy_is_bit_identical_to_the_whole_array_expression(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((53, 6)) * 3 + 1).astype(np.float32)
+    mean = torch.tensor(x.mean(axis=0))
+    std = torch.tensor(x.std(axis=0))
+    expected = (torch.tensor(x) - mean) / std
+    monkeypatch.setattr(standardise, "MOMENTS_CHUNK", 6 * 5)  # chunks of 5 rows, the last one short
+    assert torch.equal(heads.standardised_copy(x, mean, std), expected)
+    frozen = x.copy()
+    frozen.flags.writeable = False  # a read-only array (a memory-mapped store) is read, not written
+    assert torch.equal(heads.standardised_copy(frozen, mean, std), expected)
+    flipped = np.ascontiguousarray(x[::-1])[::-1]  # negative strides
+    assert torch.equal(heads.standardised_copy(flipped, mean, std), expected)
+    np.testing.assert_array_equal(x, frozen)  # the input is not modified
+
+
+def test_a_transformed_train_data_standardises_each_batch_and_keeps_its_input():
+    rng = np.random.default_rng(4)
+    raw = torch.tensor((rng.standard_normal((20, 3)) * 5 + 2).astype(np.float32))
+    before = raw.clone()
+    mean, std = raw.mean(0), raw.std(0)
+    data = TrainData(raw, torch.arange(20) % 2, transform=lambda v: v.sub_(mean).div_(std))
+    rows = torch.tensor([3, 0, 17, 3])
+    batch = data.batch(rows, 1, 7)
+    assert data._x is None and len(data) == 20 and data.device == raw.device  # nothing standardised yet
+    assert torch.equal(batch.x, ((raw - mean) / std)[rows])
+    assert torch.equal(raw, before)  # the stored input is never written
+    assert torch.equal(data.x, (raw - mean) / std) and data.x is data.x  # computed once on first access
+    assert torch.equal(data.batch(rows, 1, 7).x, batch.x) and torch.equal(raw, before)
+    assert data.whole(0, 0).x is data.x
+
+
+def test_a_minibatch_head_on_cpu_trains_on_the_callers_features_without_a_copy(data, monkeypatch):
+    train = data[0]
+    seen = []
+    original = heads.fit_module
+
+    def spy(module, train_data, *args, **kwargs):
+        state = original(module, train_data, *args, **kwargs)
+        seen.append(train_data)
+        return state
+
+    monkeypatch.setattr(heads, "fit_module", spy)
+    make_method("ce", {**FAST, "epochs": 2, "solver": "sgd"}).fit(train)
+    (used,) = seen
+    assert used._stored.data_ptr() == train.features.ctypes.data  # shared, not copied
+    assert used._x is None  # and never standardised as a whole
 
 
 @pytest.mark.parametrize("solver, atol", [("sgd", 1e-3), ("lbfgs", 0.03)])

@@ -132,6 +132,28 @@ def test_full_batch_hooks_see_one_epoch_and_every_row_once_at_the_solution():
     assert state.history == [means]
 
 
+def test_instance_sampling_solves_on_the_data_itself_not_a_gathered_copy():
+    """The full-batch batch of instance sampling is the data's own tensors (one copy of the features
+    in a fit, not two) with every row in order; class-balanced groups gather their rows."""
+    x, y = tiny()
+    data = TrainData(torch.tensor(x), torch.tensor(y))
+    seen = []
+
+    class Record(LossObjective):
+        def loss(self, module, batch, state):
+            seen.append(batch)
+            return super().loss(module, batch, state)
+
+    module = LinearClassifier(D, C)
+    module.reset_parameters(torch.Generator().manual_seed(0))
+    fit_module(module, data, Record(F.cross_entropy), lbfgs(1e-2), generator=torch.Generator())
+    assert all(b.x is data.x and b.y is data.y for b in seen)
+    assert torch.equal(seen[0].rows, torch.arange(len(y)))
+    whole, gathered = data.whole(2, 5), data.batch(torch.arange(len(y)), 2, 5)
+    assert torch.equal(whole.x, gathered.x) and torch.equal(whole.y, gathered.y)
+    assert (whole.epoch, whole.step) == (2, 5)
+
+
 def test_a_non_finite_loss_is_a_user_error_naming_the_fit():
     x, y = tiny()
 
