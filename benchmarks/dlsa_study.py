@@ -34,12 +34,10 @@ same accuracies), and nothing in it asserts a time. Parts:
    each filter's likelihood and the share of tail / head samples each sends out
    (:func:`stages.dlsa.separation`; tail = at most 50 train samples on ``synthetic-100``, the
    rarer half of the classes on ``digits-lt``), and the epochs the flows ran.
-5. **Timing** on the ImageNet-LT-shaped synthetic train features of ``bench_stages.py``
-   (``--skip-timing`` leaves it out): one filter for one epoch, the default cascade extrapolated.
+5. **Cost at scale** is ``bench_dlsa.py``'s: the whole default cascade at the ImageNet-LT shape, measured.
 
 Threads: ``--threads`` (default 1; on a shared 2-core machine a second intra-op thread made every
-fit slower). ``--quick`` shrinks everything for a smoke run (one seed, 3 flow epochs, no digits, no
-timing); ``--write-readme`` refuses it. ``--save FILE`` keeps the measured numbers as JSON and
+fit slower). ``--quick`` shrinks everything for a smoke run (one seed, 3 flow epochs, no digits); ``--write-readme`` refuses it. ``--save FILE`` keeps the measured numbers as JSON and
 ``--load FILE`` renders (and writes) the section from them without measuring again.
 """
 
@@ -63,18 +61,15 @@ for _p in (REPO, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_stages import plain_ce_loop  # noqa: E402  (the plain-CE baseline of the stage benchmark)
 from benchlib import (  # noqa: E402  (the ImageNet-LT-shaped generator, cores and load)
-    SYN_CLASSES, busy_seconds, cores, cpu_name, own_cpu_s, synthetic_features, synthetic_labels)
+    busy_seconds, cores, cpu_name, own_cpu_s)
 from readme import README, write_section  # noqa: E402
 
 import longtail.stages.dlsa as dlsa  # noqa: E402
-import longtail.stages.dlsa.cascade as cascade_module  # noqa: E402
 from longtail.stages.base import Frozen  # noqa: E402
 from longtail.stages.data import FeatureSet  # noqa: E402
 from longtail.stages.datasets import exponential_profile  # noqa: E402
 from longtail.stages.evaluate import evaluate  # noqa: E402
-from longtail.stages.heads import BATCH_SIZE, LR, WEIGHT_DECAY  # noqa: E402
 from longtail.stages.registry import make_method  # noqa: E402
 
 START_MARKER = "<!-- dlsa-study:start -->"
@@ -289,83 +284,7 @@ def run_set(name: str, sets, seeds: list[int], device: str, flow_epochs: int | N
             "k": plain.num_clusters_}
 
 
-# ============================================================================== 5. timing
-def imagenet_lt_train(max_rows: int | None = None) -> tuple[FeatureSet, float]:
-    """The ImageNet-LT-shaped synthetic train split of ``bench_stages.py``, built in memory chunk by
-    chunk from its seeded generator (float32, no second copy); ``max_rows`` keeps the first rows
-    (``--quick`` only). Returns the split and the generation seconds."""
-    t0 = time.perf_counter()
-    labels = synthetic_labels("train")
-    n = len(labels) if max_rows is None else min(len(labels), int(max_rows))
-    features = synthetic_features("train", labels[:n])
-    counts = np.bincount(labels[:n], minlength=SYN_CLASSES)
-    if max_rows is not None:  # a truncated split may miss a class; keep the classes it has
-        keep = counts > 0
-        remap = np.cumsum(keep) - 1
-        lab, counts = remap[labels[:n]], counts[keep]
-    else:
-        lab = labels
-    names = tuple(f"class{c:04d}" for c in range(len(counts)))
-    train = FeatureSet(features, lab, counts, names, name="train", source="imagenet-lt-synthetic")
-    return train, time.perf_counter() - t0
-
-
-def run_timing(device: str, threads: int, quick: bool) -> dict:
-    torch.set_num_threads(threads)
-    _log("[4] generating the ImageNet-LT-shaped train features ...")
-    train, gen_s = imagenet_lt_train(20_000 if quick else None)
-    _log(f"    {len(train):,} x {train.dim:,} in {gen_s:.1f} s")
-
-    # time train_filter (the epoch) inside FlowCascade.fit by wrapping the module function
-    epochs_timed: list[float] = []
-    original = cascade_module.train_filter
-
-    def timed_train_filter(*args, **kwargs):
-        _sync()
-        t = time.perf_counter()
-        out = original(*args, **kwargs)
-        _sync()
-        epochs_timed.append(time.perf_counter() - t)
-        return out
-
-    params = {"num_filters": 1, "flow_epochs": 1, "seed": SEED, "device": device}
-    _log("[4] flow cascade, 1 filter x 1 epoch ...")
-    cascade_module.train_filter = timed_train_filter
-    try:
-        with Clock() as c_fit:
-            cascade = dlsa.FlowCascade(**params).fit(train)
-    finally:
-        cascade_module.train_filter = original
-    _log(f"    {c_fit.seconds:.1f} s (filter epoch {epochs_timed[0]:.1f} s)")
-    _log("[4] routing the train features through the fitted filter ...")
-    with Clock() as c_route:
-        cascade.route(train.features)
-    _log(f"    {c_route.seconds:.1f} s")
-
-    _log("[4] plain linear CE head, 1 epoch ...")
-    fit_plain = plain_ce_loop(train, device, epochs=1, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY)
-    with Clock() as c_plain:
-        fit_plain()
-    _log(f"    {c_plain.seconds:.1f} s")
-
-    # extrapolation to the default cascade: filter f is fitted on the n_f samples that reach it
-    defaults = dlsa.FlowCascade()
-    sizes = dlsa.filter_sizes(len(train), defaults.params.num_filters, defaults.params.filter_fraction)
-    reach = sum(n for n, _ in sizes) / len(train)  # sum_f n_f / N (1 + 0.7 + 0.49 = 2.19)
-    epoch_s = epochs_timed[0]
-    overhead_s = c_fit.seconds - epoch_s  # moments, standardisation, fingerprint, filter 1's evaluation
-    extrapolated = (overhead_s + epoch_s * defaults.params.flow_epochs * reach
-                    + c_route.seconds * (reach - 1.0))  # filters 2..F evaluate their n_f samples
-    as_dict = (lambda c: {"seconds": c.seconds, "others": c.others})  # JSON-able (--save)
-    return {"rows": len(train), "dim": train.dim, "classes": train.num_classes, "gen_s": gen_s,
-            "k": cascade.num_clusters_, "epoch": epoch_s, "fit": as_dict(c_fit), "route": as_dict(c_route),
-            "plain": as_dict(c_plain),
-            "overhead_s": overhead_s, "reach": reach, "extrapolated_s": extrapolated,
-            "default_filters": defaults.params.num_filters, "default_epochs": defaults.params.flow_epochs,
-            "hidden": cascade.params.flow_hidden, "batch": cascade.params.flow_batch_size, "threads": threads}
-
-
-# ============================================================================== 6. report
+# ============================================================================== 5. report
 def _delta(results: dict, key: str, split: str = "test") -> float:
     """Mean over seeds of (variant - head), in points."""
     return 100 * statistics.fmean(a - b for a, b in zip(results[key][split], results["head"][split]))
@@ -527,7 +446,7 @@ def paragraph(sets: list[dict]) -> str:
     return " ".join(parts)
 
 
-def render(sets: list[dict], tim: dict | None, args, total_s: float) -> str:
+def render(sets: list[dict], args, total_s: float) -> str:
     syn = next((s for s in sets if s["name"] == "synthetic-100"), None)
     lines = []
     if syn is not None:
@@ -555,35 +474,6 @@ def render(sets: list[dict], tim: dict | None, args, total_s: float) -> str:
         f"{dlsa.DEFAULTS.patience}, hidden {dlsa.DEFAULTS.flow_hidden}, K automatic, `classifier_input: auto`, "
         "`gate: true`) but for the parameters each row names.")
     lines += [""] + render_sets(sets)
-    if tim is not None:
-        plain = tim["plain"]["seconds"]
-        ratio = (lambda s: f"{s / plain:.1f}x") if plain > 0 else (lambda s: "n/a")  # guards a zero baseline
-        lines += [
-            "",
-            f"Cost on the ImageNet-LT-shaped synthetic train features of `bench_stages.py` ({tim['rows']:,} x "
-            f"{tim['dim']:,} float32, {tim['classes']:,} classes, 1,280 -> 5), K = {tim['k']}, hidden {tim['hidden']}, "
-            f"batch {tim['batch']}, {tim['threads']} torch thread(s). Measured: one filter for one epoch "
-            f"(`num_filters: 1, flow_epochs: 1`). Baseline: one epoch of a plain torch `nn.Linear` + cross-entropy "
-            f"head (SGD, batch {BATCH_SIZE}) over the same features.",
-            "",
-            "| what | seconds | vs plain CE epoch | others' load (cores) |",
-            "|---|---:|---:|---:|",
-            f"| plain linear CE head, 1 epoch (baseline) | {_secs(plain)} | 1.0x | {_others(tim['plain'])} |",
-            f"| flow filter, 1 epoch (`train_filter`) | {_secs(tim['epoch'])} | {ratio(tim['epoch'])} | "
-            f"{_others(tim['fit'])} |",
-            f"| `FlowCascade.fit`, 1 filter x 1 epoch (whole fit) | {_secs(tim['fit']['seconds'])} | "
-            f"{ratio(tim['fit']['seconds'])} | {_others(tim['fit'])} |",
-            f"| routing the train split through 1 filter | {_secs(tim['route']['seconds'])} | "
-            f"{ratio(tim['route']['seconds'])} | {_others(tim['route'])} |",
-            f"| **extrapolated, not measured**: default cascade, {tim['default_filters']} filters x at most "
-            f"{tim['default_epochs']} epochs | ~{_secs(tim['extrapolated_s'])} "
-            f"(~{tim['extrapolated_s'] / 60:.0f} min) | ~{ratio(tim['extrapolated_s'])} | |",
-            "",
-            f"The extrapolation is the measured fit without its epoch ({_secs(tim['overhead_s'])} s), plus "
-            f"{tim['default_epochs']} epochs on each filter's share of the samples (1 + 0.7 + 0.49 = {tim['reach']:.2f} "
-            f"x N), plus the routing for filters 2-{tim['default_filters']}: an upper bound, since the flows stop on "
-            f"val likelihood (a few epochs on the sets above).",
-        ]
     lines += [
         "",
         paragraph(sets),
@@ -625,7 +515,6 @@ def parse_args(argv=None):
     p.add_argument("--write-readme", action="store_true", help="write the section into README.md")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--timing-threads", type=int, default=1, help="torch threads for the timing (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--sets", nargs="+", default=["synthetic-100", "digits-lt", "modes-20"],
                    choices=["synthetic-100", "digits-lt", "modes-20"])
@@ -635,13 +524,12 @@ def parse_args(argv=None):
     p.add_argument("--flow-epochs", type=int, default=None, help="at most this many flow epochs (default DLSA's)")
     p.add_argument("--head-epochs", type=int, default=None,
                    help="the heads' epochs (default theirs); the README's section is written at the defaults")
-    p.add_argument("--skip-timing", action="store_true", help="leave out the ImageNet-LT-shaped timing")
-    p.add_argument("--quick", action="store_true", help="smoke run: one seed, 3 flow epochs, no digits, no timing")
+    p.add_argument("--quick", action="store_true", help="smoke run: one seed, 3 flow epochs, no digits")
     args = p.parse_args(argv)
     if (args.quick or args.head_epochs is not None) and args.write_readme:
         p.error("--quick and --head-epochs numbers do not go into the README")
     if args.quick:
-        args.seeds, args.flow_epochs, args.skip_timing = [0], 3, True
+        args.seeds, args.flow_epochs = [0], 3
         args.sets = [s for s in args.sets if s != "digits-lt"]
     return args
 
@@ -654,19 +542,18 @@ def main(argv=None) -> int:
     if args.load:
         with open(args.load, encoding="utf-8") as f:
             saved = json.load(f)
-        sets, tim, total_s, args.flow_epochs = saved["sets"], saved["timing"], saved["total_s"], saved["flow_epochs"]
+        sets, total_s, args.flow_epochs = saved["sets"], saved["total_s"], saved["flow_epochs"]
     else:
         sets = []
         for name in args.sets:
             data = (make_study_sets() if name == "synthetic-100" else modes_sets() if name == "modes-20"
                     else digits_sets(args.digits_store))
             sets.append(run_set(name, data, args.seeds, args.device, args.flow_epochs, args.head_epochs))
-        tim = None if args.skip_timing else run_timing(args.device, args.timing_threads, False)
         total_s = time.perf_counter() - t0
         if args.save:
             with open(args.save, "w", encoding="utf-8") as f:
-                json.dump({"sets": sets, "timing": tim, "total_s": total_s, "flow_epochs": args.flow_epochs}, f)
-    section = render(sets, tim, args, total_s)
+                json.dump({"sets": sets, "total_s": total_s, "flow_epochs": args.flow_epochs}, f)
+    section = render(sets, args, total_s)
     print(section)
     if args.write_readme:
         write_readme(section)
