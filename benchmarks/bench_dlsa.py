@@ -55,6 +55,7 @@ import longtail.stages.dlsa.cascade as cascade_module  # noqa: E402
 import longtail.stages.dlsa.flow as flow_module  # noqa: E402
 import longtail.stages.train.engine as engine  # noqa: E402
 from longtail.stages.data import FeatureSet  # noqa: E402
+from longtail.stages.device import resolve_device  # noqa: E402
 from longtail.stages.heads import BATCH_SIZE, LR, WEIGHT_DECAY  # noqa: E402
 from longtail.stages.losses.dlsa import flow_class_weights  # noqa: E402
 
@@ -95,14 +96,13 @@ def filter_epoch(train: FeatureSet, rows: int, device: str, reference: bool) -> 
     parameters; ``reference``: nflows' own forward pass and torch's default Adam. Returns
     ``(seconds, mean loss)``."""
     p = dlsa.DEFAULTS
-    dev = torch.device("cuda" if device.startswith("cuda") else "cpu") if device != "auto" else (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     x = torch.from_numpy(np.ascontiguousarray(train.features[:rows])).to(dev)
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     y = torch.from_numpy(train.labels[:rows]).to(dev)
     counts = torch.bincount(y, minlength=train.num_classes).cpu().numpy()
     weights = torch.as_tensor(flow_class_weights(counts, p.q), dtype=torch.float32, device=dev)
-    k = min(dlsa.cascade.MAX_CLUSTERS, max(2, rows // 10))
+    k = dlsa.cascade.auto_num_clusters(rows)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         filt = dlsa.GaussianMixtureFlowFilter(train.dim, k, p.flow_blocks, p.flow_hidden, p.eta)
