@@ -263,20 +263,22 @@ def _head_params(device: str, epochs: int | None) -> dict:
     return params
 
 
+def _innermost(method):
+    """The innermost (fitted) method below any wrappers."""
+    while getattr(method, "base", None) is not None:
+        method = method.base
+    return method
+
+
 def _solver(method) -> str:
     """The solver the innermost head of ``method`` fits with (``lbfgs`` or ``sgd``)."""
-    inner = method
-    while getattr(inner, "base", None) is not None:
-        inner = inner.base
+    inner = _innermost(method)
     return inner.resolved_solver() if hasattr(inner, "resolved_solver") else "sgd"
 
 
 def _inner_params(method) -> dict:
     """Constructor parameters of the innermost (fitted) method below any wrappers."""
-    inner = method
-    while getattr(inner, "base", None) is not None:
-        inner = inner.base
-    return inner.get_params()
+    return _innermost(method).get_params()
 
 
 # ===================================================================================== stages
