@@ -20,6 +20,11 @@ Two data sets:
     (seeded) straight into a Zarr feature store in a temporary directory. Heads run ``--epochs``
     epochs and are reported in seconds per epoch.
 
+Paired head fits (``--heads-only``, and the last part of ``--dataset all``): minibatch heads at 3
+epochs side by side with the plain loop, in one process, on a seeded 100,000 x 512 store and on
+the ImageNet-LT-shaped one (issue 13's targets). ``--dataset all --write-readme`` writes both
+README blocks, ``--heads-only --write-readme`` only this one.
+
 Every number is a ratio against a plain baseline as well as an absolute value (DESIGN.md,
 "Speed is measured in benchmarks/"): ``np.save`` / ``np.load`` of the same arrays for the store, a
 plain torch loop training ``nn.Linear`` with ``F.cross_entropy`` (same epochs, batch size, lr,
@@ -1231,7 +1236,7 @@ def render_heads(facts: dict, idle: dict, res: dict, args, total_s: float, load_
                              (f"--large-heads {args.large_heads or chr(34) * 2}", args.large_heads is not None),
                              (f"--pair-rows {args.pair_rows}", args.pair_rows != PAIR_ROWS),
                              (f"--repeats {args.repeats}", args.repeats not in (None, 3))) if on]
-    run = f" (this run: `--heads-only {' '.join(flags)}`)" if flags else ""
+    run = f"; this run added `{' '.join(flags)}`" if flags else ""
     load = (f"; the rest of the machine used {load_during:.2f} cores on average meanwhile"
             if load_during is not None else "")
     all_runs = [h for part in ("gauss", "synth") for h in res[part].values() if "error" not in h]
@@ -1241,7 +1246,8 @@ def render_heads(facts: dict, idle: dict, res: dict, args, total_s: float, load_
         f"{facts['torch_threads']}){gpu}, device `{facts['device']}`; Python {facts['python']}, "
         f"torch {facts['torch']}, numpy {facts['numpy']}; 1-minute load average {facts['load_before']:.1f} "
         f"before the run{load}; "
-        f"{total_s / 60:.1f} minutes in all. Reproduce with `{HEADS_COMMAND}`{run}._",
+        f"{total_s / 60:.1f} minutes in all. Reproduce with `{HEADS_COMMAND}` (this block alone) or "
+        f"`{COMMAND}` (this block and the table after it){run}._",
         "",
         "Minibatch head fits (`solver: sgd`, `min_steps: 0`, batch 256, lr 0.1, weight decay 5e-4, seed 0; "
         "`make_method(name, ...).fit(train, val)`, which includes the class-balanced feature moments and the "
@@ -1313,16 +1319,17 @@ def parse_args(argv=None):
                         f"{', '.join(PAIR_LARGE_HEADS)} (or --large-heads) on the {SYNTH} store; --write-readme "
                         "writes that block between the perf-heads markers")
     p.add_argument("--large-heads", default=None,
-                   help=f"with --heads-only: comma-separated heads on {SYNTH} (default "
+                   help=f"with --heads-only or --dataset all: comma-separated paired heads on {SYNTH} (default "
                         f"{','.join(PAIR_LARGE_HEADS)}; an empty string skips that set)")
     p.add_argument("--pair-rows", type=int, default=PAIR_ROWS,
-                   help=f"with --heads-only: train rows of the seeded Gaussian store (default {PAIR_ROWS:,})")
+                   help=f"with --heads-only or --dataset all: train rows of the seeded Gaussian store (default {PAIR_ROWS:,})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of cores)")
     p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
                    help="seconds to wait before each stage for other processes to leave the CPU "
                         f"(at most {QUIET_WAIT_TOTAL_S:.0f} s in all; 0: never wait)")
     p.add_argument("--write-readme", action="store_true",
-                   help="write the table into README.md between the perf-table markers")
+                   help="write the table into README.md between the perf-table markers (--heads-only: the "
+                        "head-fit block between the perf-heads markers; --dataset all: both)")
     args = p.parse_args(argv)
     for key in ("epochs", "repeats", "threads"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -1335,8 +1342,10 @@ def parse_args(argv=None):
     return args
 
 
-def _main_heads_only(args, facts: dict, idle: dict, heads: list[str], large: list[str], device: str,
-                     workdir: str, t_start: float) -> int:
+def heads_block(args, facts: dict, idle: dict, heads: list[str], large: list[str], device: str,
+                workdir: str) -> str:
+    """The paired head fits (``--heads-only``, and the last part of ``--dataset all``), rendered."""
+    t_start = time.perf_counter()
     epochs = PAIR_EPOCHS if args.epochs is None else args.epochs
     repeats = 3 if args.repeats is None else args.repeats
     res = bench_head_pairs(workdir, device, heads, large, epochs, repeats, args.pair_rows)
@@ -1344,16 +1353,14 @@ def _main_heads_only(args, facts: dict, idle: dict, heads: list[str], large: lis
     runs = [h for part in ("gauss", "synth") for h in res[part].values() if "others_cores" in h]
     wall = sum(h["wall_s"] for h in runs)
     load = sum(h["others_cores"] * h["wall_s"] for h in runs) / wall if wall > 0 else None  # wall > 0 guards
-    table = render_heads(facts, idle, res, args, total, load)
-    print()
-    print(table)
-    print(f"\ntotal benchmark time: {total:.0f} s", flush=True)
-    if args.write_readme:
-        from readme import write_section  # benchmarks/readme.py (this folder is on sys.path)
+    return render_heads(facts, idle, res, args, total, load)
 
-        write_section(HEADS_START, HEADS_END, table, if_missing=_insert_heads_block)
-        print("README.md: head-fit block updated")
-    return 0
+
+def write_heads_block(table: str) -> None:
+    from readme import write_section  # benchmarks/readme.py (this folder is on sys.path)
+
+    write_section(HEADS_START, HEADS_END, table, if_missing=_insert_heads_block)
+    print("README.md: head-fit block updated")
 
 
 def main(argv=None) -> int:
@@ -1383,7 +1390,7 @@ def main(argv=None) -> int:
                 synth_heads = [h for h in SYNTH_DEFAULT_HEADS if h in known_methods()]
             large = [h.strip() for h in (args.large_heads if args.large_heads is not None
                                           else ",".join(PAIR_LARGE_HEADS)).split(",") if h.strip()]
-            for h in heads + (large if args.heads_only else []):
+            for h in heads + (large if args.heads_only or args.dataset == "all" else []):
                 make_method(h, {})
         except LongtailError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -1402,9 +1409,15 @@ def main(argv=None) -> int:
             print(f"  heads synthetic {', '.join(synth_heads)} (epochs={args.epochs})", flush=True)
 
         idle = run_stage("idle", device=device)
+        pair_heads = heads if args.heads else list(PAIR_HEADS)
         if args.heads_only:
-            return _main_heads_only(args, facts, idle, heads if args.heads else list(PAIR_HEADS), large, device,
-                                    workdir, t_start)
+            block = heads_block(args, facts, idle, pair_heads, large, device, workdir)
+            print()
+            print(block)
+            print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.0f} s", flush=True)
+            if args.write_readme:
+                write_heads_block(block)
+            return 0
         digits = synth = None
         if args.dataset in (DIGITS, "all"):
             digits = bench_digits(workdir, device, heads, args.repeats)
@@ -1414,10 +1427,18 @@ def main(argv=None) -> int:
         table = render(facts, idle, digits, synth, args, total, default_synth=not args.heads)
         print()
         print(table)
-        print(f"\ntotal benchmark time: {total:.0f} s", flush=True)
+        block = None
+        if args.dataset == "all":  # the paired head fits too: one command regenerates the whole section
+            pair_args = argparse.Namespace(**{**vars(args), "epochs": None, "repeats": None})
+            block = heads_block(pair_args, facts, idle, pair_heads, large, device, workdir)
+            print()
+            print(block)
+        print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.0f} s", flush=True)
         if args.write_readme:
             write_readme(table)
             print("README.md: performance table updated")
+            if block is not None:
+                write_heads_block(block)
         return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

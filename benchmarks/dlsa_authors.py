@@ -123,6 +123,7 @@ import argparse
 import contextlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -324,6 +325,7 @@ def run_authors(train_dlsa, ConfigManager, root: str, sets, seed: int, flow_epoc
     finally:
         for t in timers:
             t.restore()
+        shutil.rmtree(save_dir, ignore_errors=True)
     flow_t, cacls_t, regcls_t = timers
     per_class = [float((pred[test.labels == c] == c).mean()) for c in np.unique(test.labels)]
     out = {"wall": wall, "cpu": cpu, "eval_s": eval_s, "flow_s": flow_t.seconds, "cacls_s": cacls_t.seconds,
