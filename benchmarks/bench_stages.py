@@ -953,8 +953,9 @@ def bench_head_pairs(workdir: str, device: str, heads: list[str], large_heads: l
             r["gauss"][h] = _run_pair(device=device, url=url, name=h, epochs=epochs, repeats=repeats, warmup=1)
     if large_heads:
         print(f"== heads on {SYNTH}", flush=True)
-        r["synth_write"] = run_stage("synth_write", device=device, workdir=workdir)
         url = os.path.join(workdir, "synthetic.zarr")
+        if not os.path.exists(url):  # --dataset all wrote it already (same seed, same arrays)
+            run_stage("synth_write", device=device, workdir=workdir)
         for h in large_heads:
             r["synth"][h] = _run_pair(device=device, url=url, name=h, epochs=epochs, repeats=repeats, warmup=0)
     return r
