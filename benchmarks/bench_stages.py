@@ -1182,7 +1182,7 @@ def render(facts: dict, idle: dict, digits: dict | None, synth: dict | None, arg
                         for k, (b0, b1) in s.get("baseline_runs", {}).items())
             + "; the faster is the baseline). "
             + ("A representative subset by default (every sampler, classifier module and two-stage variant; "
-               "the others only change `ce`'s loss or wrap it), which keeps the whole benchmark near 10 minutes on "
+               "the others only change `ce`'s loss or wrap it), which keeps this table near 10 minutes on "
                "a quiet 2-core machine; `--heads` runs any list. "
                if default_synth else "")
             + "A fit also computes the feature moments and standardises the features once, which a 1-epoch run does "
