@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +78,9 @@ class FeatureStore:
         self._groups: dict[str, Any] = {}
         self._arrays: dict[str, dict[str, Any]] = {}  # split -> its arrays, opened once
         self._fs_path: tuple[Any, str] | None = None  # (fsspec filesystem, path) for raw chunk checks
+        #: (split, key, chunk number) -> (size, mtime_ns) of a local raw chunk file whose CRC-32C
+        #: :meth:`read_rows` verified: its rows are then read alone while the file stays unchanged
+        self._verified: dict[tuple[str, str, int], tuple[int, int]] = {}
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{self.url}: corrupt feature store: {what}")
@@ -345,8 +349,12 @@ class FeatureStore:
         return out
 
     def _feature_set(self, split: str, name: str, start: int | None, stop: int | None) -> FeatureSet:
-        attrs = self._read(split, "attributes", start, stop) if self.has_attributes(split) else None
-        feats = self._read(split, "features", start, stop)
+        return self._assemble(split, name, lambda key: self._read(split, key, start, stop))
+
+    def _assemble(self, split: str, name: str, read) -> FeatureSet:
+        """The FeatureSet of the rows ``read(key)`` returns for each of the split's arrays."""
+        attrs = read("attributes") if self.has_attributes(split) else None
+        feats = read("features")
         # read chunk by chunk with every chunk present and its checksum verified, from a split whose
         # writer checked every value finite: the FeatureSet need not scan them all again
         checked = self._raw(split, "features") and self._groups[split].attrs.get(FINITE_ATTR) is True
@@ -354,11 +362,11 @@ class FeatureStore:
             return FeatureSet(
                 features=feats,
                 features_checked=checked,
-                labels=self._read(split, "labels", start, stop) if self.has_labels(split) else None,
+                labels=read("labels") if self.has_labels(split) else None,
                 class_counts=self.class_counts,
                 class_names=self.class_names,
                 attributes=attrs,
-                index=self._read(split, "index", start, stop),
+                index=read("index"),
                 name=name,
                 source=self.url,
                 meta={
@@ -382,6 +390,99 @@ class FeatureStore:
         class_counts ``(C,)`` are the train counts.
         """
         return self._feature_set(split, split, None, None)
+
+    def read_rows(self, split: str, rows) -> FeatureSet:
+        """Rows ``rows`` of ``split`` (at least one; integers in ``[0, num_rows)``, any order, repeats allowed),
+        as a validated FeatureSet in that order: the minibatch of an out-of-core training loop.
+
+        Every stored chunk the rows touch is read once per call, not once per row. In a local
+        store of the checksummed raw layout, a chunk's first read reads it whole and checks its
+        CRC-32C; while its file keeps the size and modification time it had then, later calls read
+        only the requested rows' bytes from it (runs of consecutive rows in one read). Object stores
+        and older layouts read each touched chunk whole, checked as :meth:`read` checks it.
+        Raises LongtailError for indices that are not integers or are out of range.
+        """
+        n = self.num_rows(split)
+        idx = np.asarray(rows)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise LongtailError(f"{self.url}: read_rows takes a 1-D array of integer row numbers, got "
+                                f"{idx.dtype} of shape {idx.shape}")
+        if not idx.size:
+            raise LongtailError(f"{self.url}: read_rows needs at least one row number")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.min() < 0 or idx.max() >= n:
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise LongtailError(f"{self.url}: row {bad} is out of range for split {split!r} ({n} rows)")
+        self._group(split)
+        name = f"{split}[{idx.size} rows]"
+        return self._assemble(split, name, lambda key: self._gather(split, key, idx))
+
+    def _gather(self, split: str, key: str, idx: np.ndarray) -> np.ndarray:
+        """``key``'s rows ``idx`` (checked in range), each touched chunk read once (:meth:`read_rows`)."""
+        arr = self._arrays[split][key]
+        chunk_rows = int(arr.chunks[0])
+        out = np.empty((idx.size,) + tuple(arr.shape[1:]), dtype=arr.dtype.newbyteorder("="))
+        order = np.argsort(idx, kind="stable")
+        chunks = idx[order] // chunk_rows
+        bounds = np.flatnonzero(np.diff(chunks)) + 1
+        if self._fs_path is None:
+            self._fs_path = resolve(self.url, self._storage_options)
+        direct = self._raw(split, key) and is_local(self._fs_path[0])
+        for part in np.split(np.arange(idx.size), bounds):
+            at = order[part]  # positions in ``out`` of the rows of this chunk
+            c = int(chunks[part[0]])
+            c0, c1 = c * chunk_rows, min((c + 1) * chunk_rows, int(arr.shape[0]))
+            local = idx[at] - c0
+            if direct and self._still_verified(split, key, c):
+                out[at] = self._pread_rows(split, key, c, local)
+                continue
+            before = self._file_state(split, key, c) if direct else None
+            block = self._read(split, key, c0, c1)  # the whole chunk, its checksum verified
+            if before is not None and self._file_state(split, key, c) == before:  # unchanged while read
+                self._verified[(split, key, c)] = before
+            out[at] = block[local]
+        if key in ("attributes", "index") and out.min() < 0:
+            raise self._corrupt(f"split {split!r}: {key!r} has negative entries")
+        return out
+
+    def _chunk_name(self, split: str, key: str, c: int) -> str:
+        arr = self._arrays[split][key]
+        return arr.metadata.encode_chunk_key((c,) + (0,) * (len(arr.shape) - 1))
+
+    def _chunk_file(self, split: str, key: str, c: int) -> str:
+        return self._chunk_path(split, key, self._chunk_name(split, key, c))
+
+    def _file_state(self, split: str, key: str, c: int) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._chunk_file(split, key, c))
+        except OSError:
+            return None  # gone: the whole read names it
+        return st.st_size, st.st_mtime_ns
+
+    def _still_verified(self, split: str, key: str, c: int) -> bool:
+        seen = self._verified.get((split, key, c))
+        return seen is not None and self._file_state(split, key, c) == seen
+
+    def _pread_rows(self, split: str, key: str, c: int, local: np.ndarray) -> np.ndarray:
+        """Rows ``local`` (within chunk ``c``, any order, repeats allowed) of a verified raw chunk
+        file, read alone: one read per run of consecutive rows."""
+        arr = self._arrays[split][key]
+        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+        uniq, inverse = np.unique(local, return_inverse=True)
+        buf = np.empty(uniq.size * row_bytes, np.uint8)
+        starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
+        ends = np.append(starts[1:], uniq.size)
+        where = f"{split}/{key}/{self._chunk_name(split, key, c)}"
+        try:
+            with open(self._chunk_file(split, key, c), "rb", buffering=0) as f:
+                for a, b in zip(starts.tolist(), ends.tolist()):
+                    f.seek(int(uniq[a]) * row_bytes)
+                    if (f.readinto(memoryview(buf)[a * row_bytes:b * row_bytes]) or 0) != (b - a) * row_bytes:
+                        raise self._corrupt(f"chunk {where} is truncated; {REBUILD}")
+        except FileNotFoundError:  # removed since it was verified a moment ago
+            raise self._corrupt(f"chunk {where} is missing; {REBUILD}") from None
+        rows = buf.view(arr.dtype.newbyteorder("<")).reshape((uniq.size,) + tuple(arr.shape[1:]))
+        return rows[inverse]
 
     def iter_chunks(
         self, split: str, rows: int | None = None

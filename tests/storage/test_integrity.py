@@ -306,3 +306,88 @@ def test_atomic_write_removes_the_temporaries_of_dead_writers(tmp_path):
     pio.write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     assert not dead.exists() and mine.exists() and other.exists()
+
+
+# ---------------------------------------------------------------------------------------- random rows
+def _rows_equal(fs, d, idx):
+    np.testing.assert_array_equal(fs.features, d["features"][idx])
+    np.testing.assert_array_equal(fs.labels, d["labels"][idx])
+    np.testing.assert_array_equal(fs.index, d["index"][idx])
+    if d["attributes"] is not None:
+        np.testing.assert_array_equal(fs.attributes, d["attributes"][idx])
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_read_rows_gives_the_rows_asked_for_in_their_order(tmp_path, data, where):
+    import uuid
+
+    url = str(tmp_path / "f.zarr") if where == "local" else f"memory://longtail-{uuid.uuid4().hex}/f.zarr"
+    build(url, data)  # 8-row chunks, 37 train rows: the last chunk is part-used
+    st = open_store(url)
+    rng = np.random.default_rng(0)
+    for idx in (rng.integers(0, 37, 50), np.array([36, 0, 8, 7, 36, 36]), np.arange(37)[::-1]):
+        for _ in range(2):  # the second time from verified chunks, row by row
+            fs = st.read_rows("train", idx)
+            assert len(fs) == idx.size and fs.class_counts.tolist() == st.class_counts.tolist()
+            _rows_equal(fs, data["train"], idx)
+    _rows_equal(st.read_rows("val", [3, 1]), data["val"], [3, 1])  # no attributes there
+
+
+def test_read_rows_reads_a_chunk_whole_once_then_only_its_rows(tmp_path, data, monkeypatch):
+    from longtail.storage.featurestore.reader import FeatureStore
+
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    st = open_store(url)
+    whole = []
+    real = FeatureStore._read_raw
+    monkeypatch.setattr(FeatureStore, "_read_raw", lambda self, s, k, a, b: whole.append((k, a, b)) or real(self, s, k, a, b))
+    vectors = ("labels", "attributes", "index")  # one chunk of 37 rows each; features: 8-row chunks
+    st.read_rows("train", [1, 2, 9, 1])
+    assert sorted(whole) == sorted([("features", 0, 8), ("features", 8, 16)] + [(k, 0, 37) for k in vectors])
+    whole.clear()
+    _rows_equal(st.read_rows("train", [3, 10, 4]), data["train"], [3, 10, 4])
+    assert whole == []  # verified chunks: their rows alone
+    _rows_equal(st.read_rows("train", [3, 17, 36]), data["train"], [3, 17, 36])
+    assert sorted(whole) == [("features", 16, 24), ("features", 32, 37)]
+
+
+def test_read_rows_refuses_a_corrupt_chunk_and_one_changed_since_it_was_verified(tmp_path, data):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    path = _chunk(url, "train", "features", 1, 0)
+    good = open(path, "rb").read()
+    _flip_last_byte(path)
+    with pytest.raises(CorruptStoreError, match="train/features/c/1/0 fails its checksum"):
+        open_store(url).read_rows("train", [9])
+    open(path, "wb").write(good)
+    st = open_store(url)
+    _rows_equal(st.read_rows("train", [9]), data["train"], [9])  # verified now
+    _flip_last_byte(path)  # same size; the modification time moves on
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    with pytest.raises(CorruptStoreError, match="train/features/c/1/0 fails its checksum"):
+        st.read_rows("train", [9])
+
+
+def test_read_rows_of_an_old_store_reads_whole_chunks(tmp_path, data, monkeypatch):
+    url = str(tmp_path / "f.zarr")
+    _old_store(monkeypatch, url, data)
+    st = open_store(url)
+    for _ in range(2):
+        _rows_equal(st.read_rows("train", [30, 2, 2]), data["train"], [30, 2, 2])
+    assert st._verified == {}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([0, 37], "row 37 is out of range for split 'train' \\(37 rows\\)"),
+    ([-1], "row -1 is out of range"),
+    ([0.5], "1-D array of integer row numbers, got float64"),
+    ([[0, 1]], "got int64 of shape \\(1, 2\\)"),
+    (np.array([], dtype=int), "needs at least one row number"),
+])
+def test_read_rows_names_bad_row_numbers(tmp_path, data, rows, message):
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    with pytest.raises(LongtailError, match=message) as e:
+        open_store(url).read_rows("train", rows)
+    assert not isinstance(e.value, CorruptStoreError) and "\n" not in str(e.value)
