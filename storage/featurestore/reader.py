@@ -24,6 +24,15 @@ REBUILD = "rebuild the store (or import it again)"
 #: reads them back from the CPU cache, not from memory (256 KiB measured fastest on 2 cores)
 _PIECE = 256 << 10
 
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime_ns)`` of a local file, None when it cannot be stat-ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def open_store(url: str, *, storage_options: dict | None = None) -> "FeatureStore":
     """Opens a complete feature store for reading.
 
@@ -78,9 +87,10 @@ class FeatureStore:
         self._groups: dict[str, Any] = {}
         self._arrays: dict[str, dict[str, Any]] = {}  # split -> its arrays, opened once
         self._fs_path: tuple[Any, str] | None = None  # (fsspec filesystem, path) for raw chunk checks
-        #: (split, key, chunk number) -> (size, mtime_ns) of a local raw chunk file whose CRC-32C
-        #: :meth:`read_rows` verified: its rows are then read alone while the file stays unchanged
-        self._verified: dict[tuple[str, str, int], tuple[int, int]] = {}
+        #: (split, key, chunk number) -> (path, (inode, size, mtime_ns), read-only memory map of its
+        #: rows) of a local raw chunk file whose CRC-32C :meth:`read_rows` checked: its rows are
+        #: then read from the map while the file keeps that state
+        self._verified: dict[tuple[str, str, int], tuple[str, tuple[int, int, int], np.ndarray]] = {}
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{self.url}: corrupt feature store: {what}")
@@ -397,9 +407,10 @@ class FeatureStore:
 
         Every stored chunk the rows touch is read once per call, not once per row. In a local
         store of the checksummed raw layout, a chunk's first read reads it whole and checks its
-        CRC-32C; while its file keeps the size and modification time it had then, later calls read
-        only the requested rows' bytes from it (runs of consecutive rows in one read). Object stores
-        and older layouts read each touched chunk whole, checked as :meth:`read` checks it.
+        CRC-32C, then maps its file; while the file keeps the inode, size and modification time it
+        had then (checked at every call), later calls gather their rows from that map, reading
+        only the pages they touch. Object stores and older layouts read each touched chunk whole,
+        checked as :meth:`read` checks it.
         Raises LongtailError for indices that are not integers or are out of range.
         """
         n = self.num_rows(split)
@@ -421,68 +432,50 @@ class FeatureStore:
         """``key``'s rows ``idx`` (checked in range), each touched chunk read once (:meth:`read_rows`)."""
         arr = self._arrays[split][key]
         chunk_rows = int(arr.chunks[0])
-        out = np.empty((idx.size,) + tuple(arr.shape[1:]), dtype=arr.dtype.newbyteorder("="))
         order = np.argsort(idx, kind="stable")
-        chunks = idx[order] // chunk_rows
-        bounds = np.flatnonzero(np.diff(chunks)) + 1
+        srt = idx[order]
+        of = srt // chunk_rows  # the chunk of each row, in row order
+        starts = np.flatnonzero(np.diff(of, prepend=-1))
+        local = srt - of * chunk_rows
+        buf = np.empty((idx.size,) + tuple(arr.shape[1:]), dtype=arr.dtype.newbyteorder("="))
         if self._fs_path is None:
             self._fs_path = resolve(self.url, self._storage_options)
         direct = self._raw(split, key) and is_local(self._fs_path[0])
-        for part in np.split(np.arange(idx.size), bounds):
-            at = order[part]  # positions in ``out`` of the rows of this chunk
-            c = int(chunks[part[0]])
-            c0, c1 = c * chunk_rows, min((c + 1) * chunk_rows, int(arr.shape[0]))
-            local = idx[at] - c0
-            if direct and self._still_verified(split, key, c):
-                out[at] = self._pread_rows(split, key, c, local)
+        for a, b, c in zip(starts.tolist(), starts[1:].tolist() + [idx.size], of[starts].tolist()):
+            if not direct:
+                c0 = c * chunk_rows
+                buf[a:b] = self._read(split, key, c0, min(c0 + chunk_rows, int(arr.shape[0])))[local[a:b]]
                 continue
-            before = self._file_state(split, key, c) if direct else None
-            block = self._read(split, key, c0, c1)  # the whole chunk, its checksum verified
-            if before is not None and self._file_state(split, key, c) == before:  # unchanged while read
-                self._verified[(split, key, c)] = before
-            out[at] = block[local]
+            seen = self._verified.get((split, key, c))
+            path = self._chunk_file(split, key, c) if seen is None else seen[0]
+            state = _file_state(path)
+            if seen is None or seen[1] != state:
+                seen = self._verify_chunk(split, key, c, path, state)
+            np.take(seen[2], local[a:b], axis=0, out=buf[a:b])
+        out = np.empty_like(buf)
+        out[order] = buf
         if key in ("attributes", "index") and out.min() < 0:
             raise self._corrupt(f"split {split!r}: {key!r} has negative entries")
         return out
 
-    def _chunk_name(self, split: str, key: str, c: int) -> str:
+    def _verify_chunk(self, split: str, key: str, c: int, path: str, state: tuple | None) -> tuple:
+        """Reads chunk ``c`` of a local raw array whole, checking its size and CRC-32C
+        (:meth:`_read_raw`), then maps its file read-only; remembered with the file's
+        ``(inode, size, mtime)`` from before the read when the file kept them meanwhile (a chunk
+        rewritten while it was read is read whole again next time). Returns ``(path, state, rows)``."""
         arr = self._arrays[split][key]
-        return arr.metadata.encode_chunk_key((c,) + (0,) * (len(arr.shape) - 1))
+        chunk_rows = int(arr.chunks[0])
+        self._read_raw(split, key, c * chunk_rows, (c + 1) * chunk_rows)  # raises naming the chunk
+        shape = (chunk_rows,) + tuple(arr.shape[1:])
+        rows = np.memmap(path, dtype=arr.dtype.newbyteorder("<"), mode="r", shape=shape).view(np.ndarray)
+        entry = (path, state, rows)
+        if state is not None and _file_state(path) == state:
+            self._verified[(split, key, c)] = entry
+        return entry
 
     def _chunk_file(self, split: str, key: str, c: int) -> str:
-        return self._chunk_path(split, key, self._chunk_name(split, key, c))
-
-    def _file_state(self, split: str, key: str, c: int) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self._chunk_file(split, key, c))
-        except OSError:
-            return None  # gone: the whole read names it
-        return st.st_size, st.st_mtime_ns
-
-    def _still_verified(self, split: str, key: str, c: int) -> bool:
-        seen = self._verified.get((split, key, c))
-        return seen is not None and self._file_state(split, key, c) == seen
-
-    def _pread_rows(self, split: str, key: str, c: int, local: np.ndarray) -> np.ndarray:
-        """Rows ``local`` (within chunk ``c``, any order, repeats allowed) of a verified raw chunk
-        file, read alone: one read per run of consecutive rows."""
         arr = self._arrays[split][key]
-        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-        uniq, inverse = np.unique(local, return_inverse=True)
-        buf = np.empty(uniq.size * row_bytes, np.uint8)
-        starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
-        ends = np.append(starts[1:], uniq.size)
-        where = f"{split}/{key}/{self._chunk_name(split, key, c)}"
-        try:
-            with open(self._chunk_file(split, key, c), "rb", buffering=0) as f:
-                for a, b in zip(starts.tolist(), ends.tolist()):
-                    f.seek(int(uniq[a]) * row_bytes)
-                    if (f.readinto(memoryview(buf)[a * row_bytes:b * row_bytes]) or 0) != (b - a) * row_bytes:
-                        raise self._corrupt(f"chunk {where} is truncated; {REBUILD}")
-        except FileNotFoundError:  # removed since it was verified a moment ago
-            raise self._corrupt(f"chunk {where} is missing; {REBUILD}") from None
-        rows = buf.view(arr.dtype.newbyteorder("<")).reshape((uniq.size,) + tuple(arr.shape[1:]))
-        return rows[inverse]
+        return self._chunk_path(split, key, arr.metadata.encode_chunk_key((c,) + (0,) * (len(arr.shape) - 1)))
 
     def iter_chunks(
         self, split: str, rows: int | None = None
