@@ -24,6 +24,7 @@ REBUILD = "rebuild the store (or import it again)"
 #: reads them back from the CPU cache, not from memory (256 KiB measured fastest on 2 cores)
 _PIECE = 256 << 10
 
+
 def _file_state(path: str) -> tuple[int, int, int] | None:
     """``(inode, size, mtime_ns)`` of a local file, None when it cannot be stat-ed."""
     try:
@@ -465,12 +466,12 @@ class FeatureStore:
         rewritten while it was read is read whole again next time). Returns ``(path, state, rows)``."""
         arr = self._arrays[split][key]
         chunk_rows = int(arr.chunks[0])
-        self._read_raw(split, key, c * chunk_rows, (c + 1) * chunk_rows)  # raises naming the chunk
+        checked = self._read_raw(split, key, c * chunk_rows, (c + 1) * chunk_rows)  # raises naming the chunk
         shape = (chunk_rows,) + tuple(arr.shape[1:])
         rows = np.memmap(path, dtype=arr.dtype.newbyteorder("<"), mode="r", shape=shape).view(np.ndarray)
-        entry = (path, state, rows)
-        if state is not None and _file_state(path) == state:
-            self._verified[(split, key, c)] = entry
+        if state is None or _file_state(path) != state:
+            return path, None, checked  # changed meanwhile: this call uses the bytes it checked
+        self._verified[(split, key, c)] = entry = (path, state, rows)
         return entry
 
     def _chunk_file(self, split: str, key: str, c: int) -> str:

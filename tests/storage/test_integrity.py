@@ -391,3 +391,18 @@ def test_read_rows_names_bad_row_numbers(tmp_path, data, rows, message):
     with pytest.raises(LongtailError, match=message) as e:
         open_store(url).read_rows("train", rows)
     assert not isinstance(e.value, CorruptStoreError) and "\n" not in str(e.value)
+
+
+def test_read_rows_never_caches_a_chunk_that_changed_while_it_was_checked(tmp_path, data, monkeypatch):
+    from itertools import count
+
+    from longtail.storage.featurestore import reader
+
+    url = str(tmp_path / "f.zarr")
+    build(url, data)
+    ticks = count()
+    monkeypatch.setattr(reader, "_file_state", lambda path: (1, 2, next(ticks)))  # a new mtime at every look
+    st = open_store(url)
+    for _ in range(2):
+        _rows_equal(st.read_rows("train", [20, 3]), data["train"], [20, 3])  # the bytes it checked
+    assert st._verified == {}
