@@ -206,8 +206,12 @@ class FeatureStore:
         lo, hi = (start or 0), (n if stop is None else min(stop, n))
         if hi <= lo:
             return []
-        tail = (0,) * (len(arr.shape) - 1)
-        return [(arr.metadata.encode_chunk_key((i,) + tail), rows) for i in range(lo // rows, (hi - 1) // rows + 1)]
+        return [(self._chunk_key(split, key, i), rows) for i in range(lo // rows, (hi - 1) // rows + 1)]
+
+    def _chunk_key(self, split: str, key: str, i: int) -> str:
+        """The store key of chunk ``i`` (along the rows) of ``key``."""
+        arr = self._arrays[split][key]
+        return arr.metadata.encode_chunk_key((i,) + (0,) * (len(arr.shape) - 1))
 
     def _chunk_path(self, split: str, key: str, chunk: str) -> str:
         if self._fs_path is None:
@@ -448,14 +452,14 @@ class FeatureStore:
                 buf[a:b] = self._read(split, key, c0, min(c0 + chunk_rows, int(arr.shape[0])))[local[a:b]]
                 continue
             seen = self._verified.get((split, key, c))
-            path = self._chunk_file(split, key, c) if seen is None else seen[0]
+            path = self._chunk_path(split, key, self._chunk_key(split, key, c)) if seen is None else seen[0]
             state = _file_state(path)
             if seen is None or seen[1] != state:
                 seen = self._verify_chunk(split, key, c, path, state)
             np.take(seen[2], local[a:b], axis=0, out=buf[a:b])
         out = np.empty_like(buf)
         out[order] = buf
-        if key in ("attributes", "index") and out.min() < 0:
+        if direct and key in ("attributes", "index") and out.min() < 0:  # else _read checked them
             raise self._corrupt(f"split {split!r}: {key!r} has negative entries")
         return out
 
@@ -473,10 +477,6 @@ class FeatureStore:
             return path, None, checked  # changed meanwhile: this call uses the bytes it checked
         self._verified[(split, key, c)] = entry = (path, state, rows)
         return entry
-
-    def _chunk_file(self, split: str, key: str, c: int) -> str:
-        arr = self._arrays[split][key]
-        return self._chunk_path(split, key, arr.metadata.encode_chunk_key((c,) + (0,) * (len(arr.shape) - 1)))
 
     def iter_chunks(
         self, split: str, rows: int | None = None

@@ -326,14 +326,14 @@ def test_read_rows_gives_the_rows_asked_for_in_their_order(tmp_path, data, where
     st = open_store(url)
     rng = np.random.default_rng(0)
     for idx in (rng.integers(0, 37, 50), np.array([36, 0, 8, 7, 36, 36]), np.arange(37)[::-1]):
-        for _ in range(2):  # the second time from verified chunks, row by row
+        for _ in range(2):  # the second time from the maps of the verified chunks
             fs = st.read_rows("train", idx)
             assert len(fs) == idx.size and fs.class_counts.tolist() == st.class_counts.tolist()
             _rows_equal(fs, data["train"], idx)
     _rows_equal(st.read_rows("val", [3, 1]), data["val"], [3, 1])  # no attributes there
 
 
-def test_read_rows_reads_a_chunk_whole_once_then_only_its_rows(tmp_path, data, monkeypatch):
+def test_read_rows_reads_a_chunk_whole_once_then_from_its_map(tmp_path, data, monkeypatch):
     from longtail.storage.featurestore.reader import FeatureStore
 
     url = str(tmp_path / "f.zarr")
@@ -347,7 +347,7 @@ def test_read_rows_reads_a_chunk_whole_once_then_only_its_rows(tmp_path, data, m
     assert sorted(whole) == sorted([("features", 0, 8), ("features", 8, 16)] + [(k, 0, 37) for k in vectors])
     whole.clear()
     _rows_equal(st.read_rows("train", [3, 10, 4]), data["train"], [3, 10, 4])
-    assert whole == []  # verified chunks: their rows alone
+    assert whole == []  # verified chunks: gathered from their maps, nothing read whole
     _rows_equal(st.read_rows("train", [3, 17, 36]), data["train"], [3, 17, 36])
     assert sorted(whole) == [("features", 16, 24), ("features", 32, 40)]  # the last chunk whole, padding too
 
